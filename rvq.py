@@ -37,7 +37,9 @@ def nearest_code(x, codebook, chunk_elems=2**24):
     matrix is built in row chunks of at most `chunk_elems` entries (64 MB in fp32), so paper scale
     (32 images × 729 tokens × 8 depths against 16384 codes) never holds the full matrix.
     """
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    # (autocast knows only real device types; on meta/fake tensors there is no autocast to leave)
+    device_type = x.device.type if x.device.type in ("cpu", "cuda", "xpu", "mps") else "cpu"
+    with torch.autocast(device_type=device_type, enabled=False):
         x = x.float()
         codebook = codebook.float()
         e_sq = (codebook * codebook).sum(1)  # (K,)
