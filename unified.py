@@ -1,26 +1,59 @@
 """
-The stage-2 unified model of DualToken (arXiv 2503.14324, §3.3), starting with its LLM.
+The stage-2 unified model of DualToken (arXiv 2503.14324, §3.3) and its training.
 
-This part is Qwen2.5 (the paper's backbone is Qwen2.5-3B) in plain PyTorch: a decoder-only
+The LLM is Qwen2.5 (the paper's backbone is Qwen2.5-3B) in plain PyTorch: a decoder-only
 transformer with RMSNorm, half-split rotary embeddings, grouped-query attention with biased q/k/v
 projections, and a SwiGLU MLP. It loads Hugging Face `Qwen2ForCausalLM` checkpoints (one file or
 sharded, tied or untied embeddings, bf16 or fp32) strictly through an explicit key map, and
 generates with a static, preallocated KV cache (gpt-fast style: one small module of buffers per
 layer, positions passed in as a tensor).
 
-The unified model built on top of it reads the LLM's final hidden states through `Qwen2.hidden`,
-feeds image positions in through `input_embeds`, and runs classifier-free guidance by setting the
-cache up for a batch of [cond; uncond] rows.
+The unified model (the paper never released it; the design is in DESIGN.md, "Stage 2") reads an
+image as one LLM position per patch, embedding the pixel and the semantic codes of the DualToken
+tokenizer concatenated along the embedding dimension, and writes images back through two
+RQ-Transformer-style depth heads, one per code kind, trained with the next-token loss of eq. (6)-(8).
+A sampler runs `embed`, `llm.hidden` with the KV cache (a [cond; uncond] batch for classifier-free
+guidance) and `sample_codes`.
+
+Sections: Qwen2 (config, blocks, model, HF checkpoints), the unified model, stage-2 sequences and
+data sources, training (`python unified.py --preset shapes --tokenizer DIR`, or under torchrun),
+code extraction (`python unified.py extract-codes ...`).
 """
 
+import argparse
+import copy
+import glob
+import hashlib
+import itertools
 import json
-from dataclasses import dataclass
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import types
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, ShapesDataset, WebDataset, encode_chat,
+                  load_text_tokenizer)
+from tokenizer import DualTokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,6 +346,9 @@ class Qwen2(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # tied: the logits reuse tok_embeddings.weight, so there is no second matrix to load or count
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        # Activation checkpointing of the blocks in training (set by the stage-2 trainer): recompute
+        # each block's activations in the backward pass instead of storing them.
+        self.grad_checkpointing = False
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -367,7 +403,10 @@ class Qwen2(nn.Module):
             mask = attention_mask(pos, cache.k.shape[2], key_mask)
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)  # (T, hs) each
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            if self.grad_checkpointing and self.training and input_pos is None:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, input_pos)
         return self.norm(x)
 
     def head(self, h):
@@ -491,3 +530,1007 @@ def load_safetensors(path):
     if (path / "model.safetensors").exists():
         return load_file(path / "model.safetensors")
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# The unified model (§3.3): Qwen2 + dual visual embedding + pixel and semantic depth heads
+
+# The special tokens the model and a sampler need, by name; their ids live in UnifiedConfig (the
+# same names sit at 151643 + i in Qwen2.5 and at 256 + i in the "bytes" demo encoding)
+SPECIAL_NAMES = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>")
+
+
+def _special_ids(base):
+    return {name: base + QWEN_SPECIAL_TOKENS.index(name) for name in SPECIAL_NAMES}
+
+
+@dataclass
+class UnifiedConfig:
+    # Defaults: the paper's unified model (§3.3, §4.1) on Qwen2.5-3B with the 384/rvq8 tokenizer.
+    llm: Qwen2Config = field(default_factory=Qwen2Config)
+    # the tokenizer's codes (the trainer copies these from the tokenizer it is given)
+    code_dim: int = 32               # RVQ vector width, both branches
+    codebook_size: int = 16384       # one codebook shared by all depths, per branch
+    rvq_depth: int = 8               # D: codes per position and branch
+    grid: int = 27                   # an image is grid × grid visual positions (27×27 = 729)
+    # depth heads (§3.3: "three layers of depth transformers (each with a depth of 8) and eight
+    # classification heads"); the paper gives no width, RQ-Transformer's depth transformer has the
+    # width of its spatial transformer, so the LLM's
+    depth_layers: int = 3
+    depth_dim: int | None = None     # None -> the LLM width
+    depth_heads: int = 16
+    depth_mlp: int | None = None     # SwiGLU hidden width; None -> 4 × depth_dim (RQ-Transformer's ratio)
+    # ablations: visual input "dual" = pixel ⊕ semantic (§3.3), "sem" / "pix" one branch (Table 4
+    # compares sem. alone with sem. + pixel); gen_codes "pix" drops the semantic head so generation
+    # writes pixel codes only (§4.3, Fig. 4: pixel-only vs dual vocabularies). A model that writes
+    # pixel codes only must read pixel codes only, or it could not feed its own samples back.
+    visual_input: str = "dual"
+    gen_codes: str = "dual"
+    # eq. (6)-(8) weigh text and every depth of both heads alike
+    text_weight: float = 1.0
+    pix_weight: float = 1.0
+    sem_weight: float = 1.0
+    # "bytes" (the demo encoding) or a directory of HF tokenizer files; None until the trainer sets it
+    # (from --llm DIR for Qwen2.5). save_pretrained copies HF files into the checkpoint.
+    text_tokenizer: str | None = None
+    special_tokens: dict = field(default_factory=lambda: _special_ids(151643))  # Qwen2.5's ids
+
+    def __post_init__(self):
+        if isinstance(self.llm, dict):
+            self.llm = Qwen2Config(**self.llm)
+        if self.depth_dim is None:
+            self.depth_dim = self.llm.dim
+        if self.depth_mlp is None:
+            self.depth_mlp = 4 * self.depth_dim
+        if self.visual_input not in ("dual", "pix", "sem"):
+            raise ValueError(f"visual_input={self.visual_input!r}: one of 'dual', 'pix', 'sem'")
+        if self.gen_codes not in ("dual", "pix"):
+            raise ValueError(f"gen_codes={self.gen_codes!r}: one of 'dual', 'pix'")
+        if self.gen_codes == "pix" and self.visual_input != "pix":
+            raise ValueError("gen_codes='pix' needs visual_input='pix': generated images are fed back "
+                             "as input, and without a semantic head there are no semantic codes")
+        if self.depth_dim % self.depth_heads:
+            raise ValueError(f"depth_dim={self.depth_dim} is not a multiple of depth_heads={self.depth_heads}")
+        missing = [n for n in SPECIAL_NAMES if n not in self.special_tokens]
+        if missing:
+            raise ValueError(f"special_tokens lacks {missing}")
+        if max(self.special_tokens.values()) >= self.llm.vocab_size:
+            raise ValueError(f"special token ids {self.special_tokens} exceed vocab_size {self.llm.vocab_size}")
+
+    @classmethod
+    def preset(cls, name):
+        if name not in UNIFIED_PRESETS:
+            raise ValueError(f"unknown UnifiedConfig preset {name!r}; known: {', '.join(UNIFIED_PRESETS)}")
+        return cls(**copy.deepcopy(UNIFIED_PRESETS[name]))
+
+
+# exact-name lookup through UnifiedConfig.preset(name)
+UNIFIED_PRESETS = {
+    "dualtoken-3b": dict(),
+    # The CPU demo: the shapes LLM (256 wide, 4 layers, byte-level text) and the codes of
+    # tokenizer.py's "shapes" preset (8×8 positions × 4 depths from 1024 entries of 32-d vectors);
+    # depth heads half the LLM width, which is plenty for 4 slots over 1024 entries.
+    "shapes": dict(llm=Qwen2Config.preset("shapes"), codebook_size=1024, rvq_depth=4, grid=8,
+                   depth_dim=128, depth_heads=4, text_tokenizer="bytes", special_tokens=_special_ids(256)),
+}
+
+UNIFIED_FORMAT = "dualtoken-unified/1"  # written to config.json, checked on load
+
+
+class DepthHead(nn.Module):
+    """RQ-Transformer depth transformer (§3.3, eq. 5) for one code kind (pixel or semantic).
+
+    Slot 1 reads the LLM hidden state h_p, slot d > 1 the sum of the code vectors of depths < d
+    (I_pd = Σ_{d'<d} e(r_pd'), from the frozen tokenizer codebook), each through its own input
+    projection, plus a learned depth position embedding. Causal layers over the D slots, so the
+    logits of depth d see h_p and r_<d only; then a separate classifier per depth (the paper; VILA-U
+    and RQ-Transformer share one). The layers are the LLM's own Block (RMSNorm, SwiGLU); its RoPE
+    runs over the slot index, which is harmless next to the learned depth embedding (both only tell
+    the slots apart).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        W = c.depth_dim
+        self.depth = c.rvq_depth
+        self.block_config = Qwen2Config(vocab_size=1, dim=W, intermediate_size=c.depth_mlp,
+                                        n_layer=c.depth_layers, n_head=c.depth_heads,
+                                        n_kv_head=c.depth_heads, rope_theta=10000.0,
+                                        norm_eps=c.llm.norm_eps, max_seq_len=c.rvq_depth)
+        self.in_h = nn.Linear(c.llm.dim, W)       # slot 1: h_p
+        self.in_code = nn.Linear(c.code_dim, W)   # slots 2..D: Σ_{d'<d} e(r_d')
+        self.pos = nn.Parameter(torch.zeros(c.rvq_depth, W))
+        self.layers = nn.ModuleList(Block(self.block_config) for _ in range(c.depth_layers))
+        self.norm = RMSNorm(W, c.llm.norm_eps)
+        self.classifier = nn.Parameter(torch.zeros(c.rvq_depth, c.codebook_size, W))  # (D, K, W)
+
+    def forward(self, h, code_vecs):
+        """h (M, llm dim): hidden states that predict a visual position; code_vecs (M, d, C): the
+        vectors e(r_1..r_d) of the codes known so far, 0 <= d <= D -> logits (M, n, K), n = min(d+1, D).
+
+        Teacher forcing passes all D codes (logits for every depth; the last code is not read);
+        sampling passes the d codes drawn so far and takes logits[:, -1] for depth d + 1.
+        """
+        n = min(code_vecs.shape[1] + 1, self.depth)
+        x = self.in_h(h)[:, None]  # (M, 1, W)
+        if n > 1:
+            prefix = code_vecs[:, : n - 1].cumsum(1)  # (M, n-1, C): I_pd for d = 2..n, eq. (5)
+            x = torch.cat((x, self.in_code(prefix.to(x.dtype))), dim=1)  # (M, n, W)
+        x = x + self.pos[:n]
+        pos = torch.arange(n, device=x.device)
+        cos, sin = rope_cos_sin(pos, self.block_config.head_dim, self.block_config.rope_theta)
+        for layer in self.layers:
+            x = layer(x, cos, sin)  # causal over the slots
+        x = self.norm(x)
+        return torch.einsum("mdw,dkw->mdk", x, self.classifier[:n].to(x.dtype))  # (M, n, K)
+
+
+def _depth_ce(logits, codes):
+    # logits (M, D, K), codes (M, D) -> mean CE per depth (D,); zeros when M = 0, and the graph still
+    # reaches every head parameter then (a rank whose batch has no generation sample stays in DDP step)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), codes, reduction="none")  # (M, D)
+    return ce.sum(0) / max(codes.shape[0], 1)
+
+
+class UnifiedModel(nn.Module):
+    """§3.3 / Fig. 3 (c): one LLM sequence of text tokens and visual positions.
+
+    Visual input: one position per patch, at each <|image_pad|>; its embedding is a 2-layer GELU MLP
+    (LLaVA-1.5's projector) of the pixel feature Σ_d e_pix(r_d) concatenated with the semantic one
+    Σ_d e_sem(r_d) along the embedding dimension (or one of them, see visual_input). The codebooks are
+    the frozen tokenizer's, held as buffers so a checkpoint is self-contained.
+
+    Visual output: the hidden state that precedes a visual position (the one at <|vision_start|> for
+    position 0, then each visual position for the next) goes through the pixel and the semantic
+    depth heads; the last visual position predicts <|vision_end|> through the text head.
+    """
+
+    def __init__(self, config, llm=None):
+        super().__init__()
+        c = self.config = config
+        if llm is not None and llm.config != c.llm:
+            raise ValueError(f"the LLM given has config {llm.config}, the UnifiedConfig says {c.llm}")
+        self.llm = llm if llm is not None else Qwen2(c.llm)
+        # Frozen tokenizer codebooks (K, C): buffers, not parameters — the codes and their meaning
+        # are fixed by stage 1. Random until from_tokenizer / from_pretrained fill them.
+        self.register_buffer("pix_codebook", torch.randn(c.codebook_size, c.code_dim))
+        self.register_buffer("sem_codebook", torch.randn(c.codebook_size, c.code_dim))
+        in_dim = c.code_dim * (2 if c.visual_input == "dual" else 1)
+        self.projector = nn.Sequential(nn.Linear(in_dim, c.llm.dim), nn.GELU(), nn.Linear(c.llm.dim, c.llm.dim))
+        self.pix_head = DepthHead(c)
+        self.sem_head = DepthHead(c) if c.gen_codes == "dual" else None
+        for module in (self.projector, self.pix_head, self.sem_head):
+            if module is not None:
+                module.apply(self.llm._init_weights)  # the LLM's init (normal 0.02, zero bias)
+        for head in (self.pix_head, self.sem_head):
+            if head is not None:
+                nn.init.normal_(head.pos, std=0.02)
+                nn.init.normal_(head.classifier, std=0.02)
+        self.image_pad_id = c.special_tokens["<|image_pad|>"]
+
+    @classmethod
+    def from_tokenizer(cls, config, tokenizer, llm=None):
+        """A fresh model whose codebooks are copied from a DualTokenizer (its codes' meaning)."""
+        tc = tokenizer.config
+        theirs = (tc.code_dim, tc.codebook_size, tc.depth, tc.siglip.grid)
+        ours = (config.code_dim, config.codebook_size, config.rvq_depth, config.grid)
+        if theirs != ours:
+            raise ValueError(f"tokenizer codes (code_dim, codebook_size, depth, grid) = {theirs}, "
+                             f"UnifiedConfig says {ours}")
+        if not (tokenizer.pix_rvq.shared_codebook and tokenizer.sem_rvq.shared_codebook):
+            raise ValueError("the unified model embeds codes with one codebook shared by all depths")
+        model = cls(config, llm)
+        with torch.no_grad():
+            model.pix_codebook.copy_(tokenizer.pix_rvq.codebook[0])
+            model.sem_codebook.copy_(tokenizer.sem_rvq.codebook[0])
+        return model
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # --- input
+
+    def visual_features(self, pix_codes=None, sem_codes=None):
+        # codes (P, D) each -> (P, in_dim): Σ_d e(r_d) per branch, concatenated (§3.3)
+        parts = []
+        if self.config.visual_input in ("dual", "pix"):
+            parts.append(self.pix_codebook[pix_codes].sum(-2))  # (P, C)
+        if self.config.visual_input in ("dual", "sem"):
+            parts.append(self.sem_codebook[sem_codes].sum(-2))  # (P, C)
+        return torch.cat(parts, dim=-1)
+
+    def embed(self, ids, pix_codes=None, sem_codes=None):
+        """ids (B, T) with one <|image_pad|> per visual position; codes (P, D) for the P pads in
+        row-major order of ids -> input embeddings (B, T, llm dim)."""
+        x = self.llm.tok_embeddings(ids)  # (B, T, dim)
+        if pix_codes is None and sem_codes is None:
+            return x
+        v = self.projector(self.visual_features(pix_codes, sem_codes)).to(x.dtype)  # (P, dim)
+        is_pad = ids == self.image_pad_id
+        if not torch.compiler.is_compiling() and int(is_pad.sum()) != v.shape[0]:
+            raise ValueError(f"{int(is_pad.sum())} <|image_pad|> positions but codes for {v.shape[0]}")
+        return x.masked_scatter(is_pad[..., None], v)
+
+    # --- forward
+
+    def forward(self, ids, pix_codes=None, sem_codes=None, text_targets=None, vis_targets=None):
+        """-> (text logits (B, T, vocab), losses or None).
+
+        text_targets (B, T): the token after each position, -100 where it is not a text target.
+        vis_targets (B, T): for a position whose next position is a visual position to generate,
+        the row of pix_codes/sem_codes holding that position's codes; -100 elsewhere. With targets,
+        losses = {"loss": eq. (6) with the config's weights, "text": CE, "pix": (D,) CE per depth,
+        "sem": (D,) or None without a semantic head}; each CE is a mean over its positions.
+        """
+        h = self.llm.hidden(input_embeds=self.embed(ids, pix_codes, sem_codes))  # (B, T, dim)
+        logits = self.llm.head(h)
+        if text_targets is None and vis_targets is None:
+            return logits, None
+        c = self.config
+        sel = text_targets != -100
+        text = F.cross_entropy(logits[sel].float(), text_targets[sel], reduction="sum") / sel.sum().clamp(min=1)
+        vsel = vis_targets != -100
+        hv, rows = h[vsel], vis_targets[vsel]  # (M, dim), (M,)
+        pix_t = pix_codes[rows]                 # (M, D)
+        pix = _depth_ce(self.pix_head(hv, self.pix_codebook[pix_t]), pix_t)
+        loss = c.text_weight * text + c.pix_weight * pix.sum()
+        sem = None
+        if self.sem_head is not None:
+            sem_t = sem_codes[rows]
+            sem = _depth_ce(self.sem_head(hv, self.sem_codebook[sem_t]), sem_t)
+            loss = loss + c.sem_weight * sem.sum()
+        return logits, {"loss": loss, "text": text, "pix": pix, "sem": sem}
+
+    @torch.no_grad()
+    def sample_codes(self, h, guidance=None, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Draw the codes of one visual position per row, depth by depth, from both heads.
+
+        h (R, llm dim): the hidden states that predict this position. Without guidance R = B rows.
+        With guidance s (classifier-free): R = 2B rows [cond; uncond], each depth's logits are
+        uncond + s·(cond − uncond), and the code drawn continues both halves, so the caller feeds the
+        same codes to both. -> (pix (B, D), sem (B, D) or None). temperature 0 is greedy.
+        """
+        B = h.shape[0] // 2 if guidance is not None else h.shape[0]
+        out = []
+        for head, codebook in ((self.pix_head, self.pix_codebook), (self.sem_head, self.sem_codebook)):
+            if head is None:
+                out.append(None)
+                continue
+            codes = torch.zeros(h.shape[0], 0, dtype=torch.long, device=h.device)
+            for _ in range(self.config.rvq_depth):
+                # the depth transformer is 8 slots long: recomputing it per depth costs less than a cache
+                logits = head(h, codebook[codes])[:, -1].float()  # (R, K)
+                if guidance is not None:
+                    cond, uncond = logits.chunk(2)
+                    logits = uncond + guidance * (cond - uncond)
+                k = sample_logits(logits, temperature, top_k, top_p, generator)  # (B,)
+                if guidance is not None:
+                    k = torch.cat((k, k))
+                codes = torch.cat((codes, k[:, None]), dim=1)
+            out.append(codes[:B])
+        return tuple(out)
+
+    # --- checkpoints
+
+    def save_pretrained(self, path, tokenizer=None, state_dict=None):
+        """Write the directory sample.py loads: config.json (UnifiedConfig with the LLM config and the
+        special-token ids), model.safetensors (LLM, projector, heads, frozen codebooks), the text
+        tokenizer (a copy of HF files in text_tokenizer/, or "bytes" in config.json) and, given the
+        DualTokenizer the codes came from, tokenizer/. state_dict: a full state dict to write
+        instead of this module's (FSDP gathers one)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = asdict(self.config)
+        src = self.config.text_tokenizer
+        if src is None:
+            raise ValueError("config.text_tokenizer is not set: 'bytes' or a directory of HF tokenizer files")
+        if src != "bytes":
+            dst = path / "text_tokenizer"
+            if Path(src).resolve() != dst.resolve():
+                files = [f for f in TEXT_TOKENIZER_FILES if (Path(src) / f).is_file()]
+                if not any(f in files for f in ("tokenizer.json", "vocab.json")):
+                    raise FileNotFoundError(f"{src}: no tokenizer.json or vocab.json to copy")
+                dst.mkdir(exist_ok=True)
+                for f in files:
+                    shutil.copyfile(Path(src) / f, dst / f)
+            cfg["text_tokenizer"] = "text_tokenizer"  # relative to the checkpoint directory
+        (path / "config.json").write_text(json.dumps({"format": UNIFIED_FORMAT, **cfg}, indent=2) + "\n")
+        sd = self.state_dict() if state_dict is None else state_dict
+        tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(path / "tokenizer"))
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu"):
+        """Strict load of a save_pretrained directory; errors name the missing file, key or shape."""
+        path = Path(path)
+        for f in ("config.json", "model.safetensors"):
+            if not (path / f).is_file():
+                raise FileNotFoundError(f"{path}: no {f} (not a UnifiedModel.save_pretrained directory)")
+        d = json.loads((path / "config.json").read_text())
+        if d.pop("format", None) != UNIFIED_FORMAT:
+            raise ValueError(f"{path / 'config.json'}: not a {UNIFIED_FORMAT} checkpoint")
+        if d["text_tokenizer"] not in (None, "bytes"):
+            d["text_tokenizer"] = str(path / d["text_tokenizer"])
+        config = UnifiedConfig(**d)
+        with torch.device("meta"):  # no random init of weights that are about to be replaced
+            model = cls(config)
+        sd = load_file(path / "model.safetensors", device=str(device))
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"{path / 'model.safetensors'}: {len(missing)} missing keys {missing[:5]}, "
+                             f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+        bad = [f"{k} checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+               for k, v in own.items() if sd[k].shape != v.shape]
+        if bad:
+            raise ValueError(f"{path / 'model.safetensors'}: shape mismatch: " + "; ".join(bad[:5]))
+        model.load_state_dict(sd, strict=True, assign=True)
+        return model.eval()
+
+
+# the files of an HF tokenizer directory that load_text_tokenizer reads (copied into checkpoints)
+TEXT_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                        "added_tokens.json", "special_tokens_map.json")
+
+
+def text_tokenizer_ids(enc):
+    """The ids of SPECIAL_NAMES in a tiktoken Encoding, for UnifiedConfig.special_tokens."""
+    try:
+        return {name: enc.encode_single_token(name) for name in SPECIAL_NAMES}
+    except KeyError as e:
+        raise ValueError(f"text tokenizer {enc.name!r} lacks the special token {e}") from None
+
+
+def load_pretrained(path, device="cpu"):
+    """Everything a sampler needs from a checkpoint directory -> (UnifiedModel, text tokenizer
+    (tiktoken Encoding), DualTokenizer). Checks that the three belong together."""
+    path = Path(path)
+    model = UnifiedModel.from_pretrained(path, device)
+    enc = load_text_tokenizer(model.config.text_tokenizer)
+    if text_tokenizer_ids(enc) != model.config.special_tokens:
+        raise ValueError(f"{path}: the text tokenizer's special-token ids differ from config.json's")
+    if not (path / "tokenizer" / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer/ (save with save_pretrained(dir, tokenizer=...))")
+    tokenizer = DualTokenizer.from_pretrained(str(path / "tokenizer"), device=device)
+    if not (torch.equal(tokenizer.pix_rvq.codebook[0], model.pix_codebook)
+            and torch.equal(tokenizer.sem_rvq.codebook[0], model.sem_codebook)):
+        raise ValueError(f"{path}: tokenizer/ is not the tokenizer whose codebooks the model was trained on")
+    return model, enc, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage-2 sequences (§3.3): generation and understanding samples, their targets, batches
+
+def generation_messages(caption):
+    # text → image: the caption is the user turn, the image the assistant turn (CFG drops the caption)
+    return [{"role": "user", "content": caption}, {"role": "assistant", "content": IMAGE_PLACEHOLDER}]
+
+
+def understanding_messages(question, answer):
+    # image → text: the image and the question in the user turn, loss on the answer only
+    return [{"role": "user", "content": IMAGE_PLACEHOLDER + "\n" + question},
+            {"role": "assistant", "content": answer}]
+
+
+def sequence_targets(ids, mask, special):
+    """Targets of one encode_chat sequence -> (text_targets, vis_targets), lists aligned with ids.
+
+    Position t is trained to predict position t + 1. text_targets[t] = ids[t+1] where mask[t+1]
+    marks a text target (assistant text, including <|vision_start|>, <|vision_end|> and <|im_end|>),
+    else -100. vis_targets[t] = i when position t + 1 is the i-th <|image_pad|> of the sequence and
+    belongs to an image the model writes — one whose <|vision_start|> is itself a text target (an
+    assistant-turn image) — else -100. So the hidden state at <|vision_start|> predicts visual
+    position 0, visual position i predicts i + 1, and the last one predicts <|vision_end|> as text.
+    """
+    vision_start, pad = special["<|vision_start|>"], special["<|image_pad|>"]
+    text = [ids[t + 1] if mask[t + 1] else -100 for t in range(len(ids) - 1)] + [-100]
+    vis = [-100] * len(ids)
+    n_pad, generated = 0, False
+    for t, tok in enumerate(ids):
+        if tok == vision_start:
+            generated = mask[t]
+        elif tok == pad:
+            if generated:
+                vis[t - 1] = n_pad
+            n_pad += 1
+    return text, vis
+
+
+def collate(samples, pad_id):
+    """samples: (ids, text_targets, vis_targets, pix (P, D), sem (P, D)) per sequence -> a batch dict.
+    Right-padded with pad_id (<|endoftext|>, never a target; causal attention keeps real positions
+    blind to it); visual targets are offset to rows of the batch's concatenated codes."""
+    T = max(len(s[0]) for s in samples)
+    ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
+    text = torch.full((len(samples), T), -100, dtype=torch.long)
+    vis = torch.full((len(samples), T), -100, dtype=torch.long)
+    offset = 0
+    for b, (i, t, v, pix, _) in enumerate(samples):
+        ids[b, : len(i)] = torch.tensor(i)
+        text[b, : len(t)] = torch.tensor(t)
+        v = torch.tensor(v)
+        vis[b, : len(v)] = torch.where(v >= 0, v + offset, v)
+        offset += pix.shape[0]
+    return dict(ids=ids, text_targets=text, vis_targets=vis,
+                pix_codes=torch.cat([s[3] for s in samples]), sem_codes=torch.cat([s[4] for s in samples]),
+                tokens=sum(len(s[0]) for s in samples))
+
+
+# ----------------------------------------------------------------------------------------------
+# Record sources: each record is dict(caption, conversation or None, and image (3, S, S) in [-1, 1]
+# or pix/sem codes (h, w, D) from a code shard)
+
+class ShapesSource:
+    # the embedded benchmark, drawn at random (with replacement) from its first n training images;
+    # the state is the generator's, so a resumed run draws exactly what the straight run would have
+    def __init__(self, n, generator):
+        self.ds, self.gen = ShapesDataset(n), generator
+
+    def take(self, k):
+        out = []
+        for i in torch.randint(len(self.ds), (k,), generator=self.gen).tolist():
+            s = self.ds[i]
+            out.append(dict(image=s["image"], caption=s["caption"],
+                            conversation=understanding_messages(s["question"], s["answer"])))
+        return out
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class WebSource:
+    # webdataset tar shards of image + caption (e.g. CC12M via img2dataset), streamed by data.py;
+    # understanding samples are captioning turns. Resume restarts the stream (not bit-exact).
+    def __init__(self, urls, size, resample, seed, num_workers):
+        ds = WebDataset(urls, size, resample=resample, seed=seed, repeat=True)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
+        self.it = iter(loader)
+
+    def take(self, k):
+        return [dict(image=s["image"], caption=s["caption"], conversation=None)
+                for s in (next(self.it) for _ in range(k))]
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+CODES_FORMAT, CODES_VERSION = "dualtoken-codes", "1"  # code shard metadata, checked on load
+
+
+def tokenizer_fingerprint(tokenizer):
+    # codes mean something only with the codebooks they index: shards record whose codes they hold
+    h = hashlib.sha256()
+    for cb in (tokenizer.pix_rvq.codebook, tokenizer.sem_rvq.codebook):
+        h.update(cb.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def code_shard_files(spec):
+    # a directory (its *.safetensors) or a glob pattern
+    files = sorted(glob.glob(os.path.join(spec, "*.safetensors")) if os.path.isdir(spec) else glob.glob(spec))
+    if not files:
+        raise FileNotFoundError(f"no code shards at {spec!r}")
+    return files
+
+
+def read_code_shard_meta(path, fingerprint=None):
+    """The metadata of a shard written by `python unified.py extract-codes`, checked: format name,
+    version and (given one) the tokenizer fingerprint. One-line errors."""
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != CODES_FORMAT:
+        raise ValueError(f"{path}: not a {CODES_FORMAT} shard (format {meta.get('format')!r}); "
+                         "write shards with `python unified.py extract-codes`")
+    if meta.get("version") != CODES_VERSION:
+        raise ValueError(f"{path}: {CODES_FORMAT} version {meta.get('version')!r}, this unified.py reads "
+                         f"version {CODES_VERSION}; re-extract with `python unified.py extract-codes`")
+    if fingerprint is not None and meta.get("tokenizer") != fingerprint:
+        raise ValueError(f"{path}: codes of tokenizer {meta.get('tokenizer')}, but --tokenizer is "
+                         f"{fingerprint}; re-extract with this tokenizer")
+    return meta
+
+
+class CodeShards:
+    """Pre-extracted code shards, epoch by epoch: shard order shuffled per (seed, epoch), shards
+    split over ranks (or, with fewer shards than ranks, the items of each shard), items shuffled
+    within a shard. The cursor (epoch, shard, item) is the state, so resume is exact."""
+
+    def __init__(self, spec, fingerprint, seed, rank, world_size):
+        self.files = code_shard_files(spec)
+        for f in self.files:  # headers only: a bad shard fails at start, not hours in
+            read_code_shard_meta(f, fingerprint)
+        self.seed, self.rank, self.world = seed, rank, world_size
+        self.epoch = self.shard = self.item = 0
+        self._loaded = None
+
+    def _order(self):
+        files = list(self.files)
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(files)
+        return files[self.rank::self.world] if len(files) >= self.world else files
+
+    def _load(self, path):
+        if self._loaded is None or self._loaded[0] != (path, self.epoch):
+            meta = read_code_shard_meta(path)
+            t = load_file(path)
+            records = json.loads(meta["records"])
+            perm = list(range(len(records)))
+            random.Random(f"{self.seed}:{self.epoch}:{os.path.basename(path)}").shuffle(perm)
+            if len(self.files) < self.world:
+                perm = perm[self.rank::self.world]
+            self._loaded = ((path, self.epoch), t["pix"], t["sem"], records, perm)
+        return self._loaded[1:]
+
+    def take(self, k):
+        out = []
+        while len(out) < k:
+            order = self._order()
+            if self.shard >= len(order):
+                self.epoch, self.shard, self.item = self.epoch + 1, 0, 0
+                continue
+            pix, sem, records, perm = self._load(order[self.shard])
+            if self.item >= len(perm):
+                self.shard, self.item = self.shard + 1, 0
+                continue
+            i = perm[self.item]
+            self.item += 1
+            out.append(dict(pix=pix[i].long(), sem=sem[i].long(), **records[i]))
+        return out
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "shard": self.shard, "item": self.item}
+
+    def load_state_dict(self, state):
+        self.epoch, self.shard, self.item = state["epoch"], state["shard"], state["item"]
+
+
+class Batcher:
+    """Micro-batches of mixed generation / understanding sequences with their targets and codes.
+    Images are encoded by the frozen tokenizer here unless the records already carry codes."""
+
+    def __init__(self, source, enc, config, tokenizer, gen_ratio, caption_drop, batch_size, generator, device):
+        self.source, self.enc, self.special = source, enc, config.special_tokens
+        self.tokenizer, self.device = tokenizer, device
+        self.gen_ratio, self.caption_drop, self.batch_size, self.gen = gen_ratio, caption_drop, batch_size, generator
+        self.n_visual = config.grid ** 2
+
+    def next(self):
+        records = self.source.take(self.batch_size)
+        if "image" in records[0]:
+            images = torch.stack([r["image"] for r in records]).to(self.device)
+            pix, sem = self.tokenizer.encode(images)  # (B, h, w, D) each
+            for r, p, s in zip(records, pix.cpu(), sem.cpu()):
+                r["pix"], r["sem"] = p, s
+        samples = []
+        for r in records:
+            gen, drop = (torch.rand(2, generator=self.gen) < torch.tensor([self.gen_ratio, self.caption_drop])).tolist()
+            if gen:
+                messages = generation_messages("" if drop else r["caption"])
+            else:
+                messages = r["conversation"] or understanding_messages(QUESTIONS["caption"], r["caption"])
+            ids, mask = encode_chat(self.enc, messages, image_tokens=self.n_visual)
+            text, vis = sequence_targets(ids, mask, self.special)
+            samples.append((ids, text, vis, r["pix"].flatten(0, 1), r["sem"].flatten(0, 1)))
+        batch = collate(samples, self.special["<|endoftext|>"])
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def state_dict(self):
+        return {"generator": self.gen.get_state(), "source": self.source.state_dict()}
+
+    def load_state_dict(self, state):
+        self.gen.set_state(state["generator"])
+        self.source.load_state_dict(state["source"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage-2 training: python unified.py [--key value ...] | torchrun --nproc_per_node=N unified.py ...
+
+@dataclass
+class TrainConfig:
+    # The one source of training defaults; flags are generated from these fields (and from
+    # UnifiedConfig's ablation/loss/depth-head fields). The paper gives no stage-2 optimization
+    # settings: these are LLaVA / VILA-U-like values for a 3B model on 8 GPUs.
+    preset: str = ""                 # TRAIN_PRESETS name applied under the flags ("shapes": the CPU demo)
+    model: str = "dualtoken-3b"      # UnifiedConfig preset
+    llm: str = ""                    # Qwen2.5 HF directory (weights + text tokenizer) or a Qwen2 preset
+                                     # name trained from scratch; "" = the model preset's LLM from scratch
+    tokenizer: str = ""              # DualTokenizer directory (tokenizer.py save_pretrained); required
+    resume: str = ""                 # a checkpoint directory of this script: continue that run exactly
+    freeze: str = "none"             # "none", "llm" (train projector + heads) or "heads" (depth heads only)
+    # data
+    data: str = "shapes"             # "shapes" or webdataset tar shards of image + caption (brace pattern)
+    codes: str = ""                  # code shards (dir or glob) instead of encoding images on the fly;
+                                     # extract-codes writes its shards to this directory
+    n_images: int = 1_000_000        # shapes: draw from the first n training images; extract-codes: how many
+    shard_size: int = 4096           # extract-codes: images per shard
+    gen_ratio: float = 0.5           # share of generation samples (caption → image); the rest understanding
+    caption_drop: float = 0.1        # generation samples with an empty caption: the unconditional model of CFG
+    num_workers: int = 4             # webdataset decoding workers
+    # optimization
+    batch_size: int = 8              # sequences per micro-batch and rank
+    grad_accum: int = 1              # micro-batches per step and rank (the batch is × world size too)
+    max_steps: int = 100_000
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 1000
+    lr_decay_steps: int = 0          # cosine length; 0 = max_steps (a run cut into pieces keeps its schedule)
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0           # 0 disables
+    # system
+    device: str = "auto"             # "auto" (cuda if available), "cpu", "cuda"
+    dtype: str = "bfloat16"          # autocast dtype on CUDA ("float32" turns it off); CPU runs fp32
+    compile: bool = False
+    grad_checkpointing: bool = False  # recompute LLM block activations in backward
+    fsdp: bool = False               # FSDP2 (fully_shard) instead of DDP, for LLMs that do not fit DDP
+    seed: int = 0
+    # output
+    out_dir: str = "out/unified"
+    log_every: int = 10
+    ckpt_every: int = 1000
+
+
+TRAIN_PRESETS = {
+    # The CPU demo on the shapes benchmark (the tokenizer is stage 1's shapes tokenizer). A few
+    # minutes on a laptop CPU; see README for the expected losses.
+    "shapes": dict(model="shapes", data="shapes", n_images=100_000, batch_size=16, max_steps=300,
+                   lr=2e-3, min_lr=2e-4, warmup_steps=30, num_workers=0, out_dir="out/unified-shapes",
+                   log_every=25, ckpt_every=1000),
+}
+
+# UnifiedConfig fields settable from the command line. The code shape comes from the tokenizer,
+# the LLM from --llm, the special-token ids from the text tokenizer.
+MODEL_FLAGS = tuple(f for f in fields(UnifiedConfig)
+                    if f.name not in ("llm", "code_dim", "codebook_size", "rvq_depth", "grid", "special_tokens"))
+
+
+def _parse_bool(s):
+    if s.lower() in ("1", "true", "yes"):
+        return True
+    if s.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _flag_type(tp):
+    if isinstance(tp, types.UnionType):  # int | None and friends: "none" means None
+        inner = next(a for a in tp.__args__ if a is not type(None))
+        return lambda s: None if s.lower() == "none" else _flag_type(inner)(s)
+    return _parse_bool if tp is bool else tp
+
+
+def parse_args(argv):
+    """Flags -> (the TrainConfig fields given, the UnifiedConfig fields given). Every field is a
+    `--key value` flag typed from its dataclass; unknown flags are an error."""
+    p = argparse.ArgumentParser(prog="unified.py", argument_default=argparse.SUPPRESS,
+                                description="DualToken stage 2: train the unified model "
+                                            "(or `unified.py extract-codes ...`)")
+    def metavar(tp):
+        return "|".join("NONE" if a is type(None) else a.__name__.upper() for a in getattr(tp, "__args__", (tp,)))
+
+    for f in fields(TrainConfig):
+        p.add_argument(f"--{f.name}", type=_flag_type(f.type), metavar=metavar(f.type),
+                       nargs="?" if f.type is bool else None, const=True if f.type is bool else None,
+                       help=f"default {f.default!r}")
+    for f in MODEL_FLAGS:
+        p.add_argument(f"--{f.name}", type=_flag_type(f.type), metavar=metavar(f.type),
+                       help="UnifiedConfig; default: the --model preset's")
+    given = vars(p.parse_args(argv))
+    model_kw = {f.name: given.pop(f.name) for f in MODEL_FLAGS if f.name in given}
+    return given, model_kw
+
+
+def resolve_train_config(given):
+    """TrainConfig from defaults < preset < flags, or, with --resume, from the run's saved
+    train_config.json < flags (so `--resume DIR --max_steps 2000` extends a run)."""
+    if given.get("resume"):
+        if "preset" in given:
+            raise ValueError("--preset with --resume: the run's settings come from its checkpoint")
+        path = Path(given["resume"]) / "train_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{given['resume']}: no train_config.json (not a checkpoint of unified.py)")
+        base = json.loads(path.read_text())
+    else:
+        base = asdict(TrainConfig())
+        preset = given.get("preset", "")
+        if preset:
+            if preset not in TRAIN_PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; known: {', '.join(TRAIN_PRESETS)}")
+            base.update(TRAIN_PRESETS[preset])
+    base.update(given)
+    return TrainConfig(**base)
+
+
+def build_config(tc, model_kw, tokenizer):
+    """The UnifiedConfig of a new run: the --model preset, the code shape of the tokenizer, the LLM
+    of --llm and the special-token ids of the text tokenizer, then the model flags."""
+    if tc.model not in UNIFIED_PRESETS:
+        raise ValueError(f"unknown model preset {tc.model!r}; known: {', '.join(UNIFIED_PRESETS)}")
+    kw = {**copy.deepcopy(UNIFIED_PRESETS[tc.model]), **model_kw}
+    if tc.llm in PRESETS:
+        kw["llm"] = Qwen2Config.preset(tc.llm)
+    elif tc.llm:
+        kw["llm"] = Qwen2Config.from_hf(json.loads((Path(tc.llm) / "config.json").read_text()))
+        kw.setdefault("text_tokenizer", tc.llm)  # Qwen2.5 directories ship their tokenizer
+    t = tokenizer.config
+    kw.update(code_dim=t.code_dim, codebook_size=t.codebook_size, rvq_depth=t.depth, grid=t.siglip.grid)
+    if kw.get("text_tokenizer") is None:
+        raise ValueError("no text tokenizer: pass --llm DIR (a Qwen2.5 directory) or --text_tokenizer")
+    kw["special_tokens"] = text_tokenizer_ids(load_text_tokenizer(kw["text_tokenizer"]))
+    return UnifiedConfig(**kw)
+
+
+def lr_at(step, tc):
+    # linear warmup, then cosine decay to min_lr over lr_decay_steps (nanoGPT's schedule)
+    decay = tc.lr_decay_steps or tc.max_steps
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / (tc.warmup_steps + 1)
+    if step >= decay:
+        return tc.min_lr
+    ratio = (step - tc.warmup_steps) / max(1, decay - tc.warmup_steps)
+    return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (tc.lr - tc.min_lr)
+
+
+def _dist_info():
+    # torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python unified.py` has none
+    if "RANK" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def _load_tokenizer(tc, device):
+    if not tc.tokenizer:
+        raise ValueError("--tokenizer DIR is required: the DualTokenizer the codes come from")
+    tokenizer = DualTokenizer.from_pretrained(tc.tokenizer, device=device)
+    tokenizer.requires_grad_(False)
+    return tokenizer
+
+
+def train(tc, model_kw=None):
+    """Run stage 2 with TrainConfig tc (model_kw: UnifiedConfig fields for a new run) -> the trained
+    UnifiedModel (unwrapped). Under torchrun each process trains its rank's share (DDP or FSDP2)."""
+    info = _dist_info()
+    use_cuda = torch.cuda.is_available() if tc.device == "auto" else tc.device.startswith("cuda")
+    if info is not None:
+        rank, local_rank, world = info
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        device = f"cuda:{local_rank}" if use_cuda else "cpu"
+    else:
+        rank, local_rank, world = 0, 0, 1
+        device = "cuda" if use_cuda else "cpu"
+    if use_cuda:
+        torch.cuda.set_device(device)
+    try:
+        return _train(tc, model_kw or {}, rank, world, device)
+    finally:
+        if info is not None:
+            dist.destroy_process_group()
+
+
+def _train(tc, model_kw, rank, world, device):
+    master, distributed = rank == 0, world > 1
+    say = tqdm.write if master else (lambda *a, **k: None)
+    if tc.freeze not in ("none", "llm", "heads"):
+        raise ValueError(f"freeze={tc.freeze!r}: one of 'none', 'llm', 'heads'")
+    tokenizer = _load_tokenizer(tc, device)
+
+    # --- model: new (preset / Qwen2.5 directory + the tokenizer's codebooks) or resumed
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP2 does not broadcast)
+    if tc.resume:
+        if model_kw:
+            raise ValueError(f"model flags {sorted(model_kw)} with --resume: the model comes from the checkpoint")
+        model = UnifiedModel.from_pretrained(tc.resume, device)
+        if not (torch.equal(model.pix_codebook, tokenizer.pix_rvq.codebook[0])
+                and torch.equal(model.sem_codebook, tokenizer.sem_rvq.codebook[0])):
+            raise ValueError(f"--tokenizer is not the tokenizer of the run in {tc.resume}")
+    else:
+        config = build_config(tc, model_kw, tokenizer)
+        llm = Qwen2.from_pretrained(tc.llm, dtype=torch.float32) if tc.llm and tc.llm not in PRESETS else None
+        model = UnifiedModel.from_tokenizer(config, tokenizer, llm)
+    config = model.config
+    enc = load_text_tokenizer(config.text_tokenizer)
+    if text_tokenizer_ids(enc) != config.special_tokens:
+        raise ValueError("the text tokenizer's special-token ids differ from the model config's")
+    model.to(device).train()
+    if tc.freeze != "none":
+        model.requires_grad_(False)
+        keep = [model.pix_head, model.sem_head] + ([model.projector] if tc.freeze == "llm" else [])
+        for m in keep:
+            if m is not None:
+                m.requires_grad_(True)
+    model.llm.grad_checkpointing = tc.grad_checkpointing
+    raw = model  # saved from here: unwrapped and uncompiled
+    if tc.fsdp:
+        mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (world,))
+        # one unit per transformer block (LLM and depth heads); embeddings, projector, the heads'
+        # input projections and classifiers form the root unit
+        heads = [h for h in (model.pix_head, model.sem_head) if h is not None]
+        for block in [*model.llm.layers, *(b for h in heads for b in h.layers)]:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    if tc.compile:
+        model = torch.compile(model)  # before the DDP wrap, as nanoGPT does
+    if distributed and not tc.fsdp:
+        model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
+
+    # AdamW; no weight decay on biases, norms and other vectors (nanoGPT)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.startswith("cuda"))
+
+    # --- data
+    gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + rank)  # each rank its own draws
+    if tc.codes:
+        source = CodeShards(tc.codes, tokenizer_fingerprint(tokenizer), tc.seed, rank, world)
+    elif tc.data == "shapes":
+        source = ShapesSource(tc.n_images, gen)
+    else:
+        s = tokenizer.config.siglip
+        source = WebSource(tc.data, s.image_size, s.resample, tc.seed, tc.num_workers)
+    batcher = Batcher(source, enc, config, tokenizer, tc.gen_ratio, tc.caption_drop, tc.batch_size, gen, device)
+
+    step = 0
+    if tc.resume:
+        state = torch.load(Path(tc.resume) / "train_state.pt", map_location="cpu", weights_only=True)
+        if state["world_size"] != world:
+            raise ValueError(f"{tc.resume} was written by {state['world_size']} ranks, this run has {world}")
+        step = state["step"]
+        set_optimizer_state_dict(raw, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        batcher.load_state_dict(state["data"][rank])
+
+    use_autocast = device.startswith("cuda") and tc.dtype != "float32"
+    ctx = torch.autocast("cuda", dtype=getattr(torch, tc.dtype)) if use_autocast else nullcontext()
+    say(f"unified: {raw.num_params() / 1e6:.2f}M parameters ({sum(p.numel() for p in params) / 1e6:.2f}M "
+        f"trained), {world} rank(s) on {device}{' autocast ' + tc.dtype if use_autocast else ''}, "
+        f"batch {tc.batch_size}×{tc.grad_accum}×{world}, steps {step}→{tc.max_steps}")
+
+    # log figures as sums over target positions, so a micro-batch with few (or no) generation samples
+    # weighs what it holds: [text CE·n, pix CE·m (D), sem CE·m (D), n, m, tokens]
+    D = config.rvq_depth
+    acc, t0 = torch.zeros(4 + 2 * D, dtype=torch.float64), time.time()
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    first = step + 1
+    while step < tc.max_steps:
+        lr = lr_at(step, tc)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for micro in range(tc.grad_accum):
+            b = batcher.next()
+            sync = micro == tc.grad_accum - 1  # all-reduce gradients only on the last micro-batch
+            if isinstance(model, DDP):
+                model.require_backward_grad_sync = sync
+            elif tc.fsdp:
+                raw.set_requires_gradient_sync(sync)
+            with ctx:
+                _, losses = model(b["ids"], b["pix_codes"], b["sem_codes"], b["text_targets"], b["vis_targets"])
+            (losses["loss"] / tc.grad_accum).backward()
+            n, m = (b["text_targets"] != -100).sum(), (b["vis_targets"] != -100).sum()
+            sem = losses["sem"] if losses["sem"] is not None else torch.zeros_like(losses["pix"])
+            acc += torch.cat((losses["text"][None] * n, losses["pix"] * m, sem * m,
+                              torch.stack((n, m)).float(), torch.tensor([float(b["tokens"])], device=n.device))
+                             ).detach().double().cpu()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % tc.log_every == 0 or step in (first, tc.max_steps):
+            if distributed:  # sums over ranks
+                acc = acc.to(device)
+                dist.all_reduce(acc)
+                acc = acc.cpu()
+            n, m = acc[-3].clamp(min=1), acc[-2].clamp(min=1)
+            text, pix, sem = (acc[0] / n).item(), acc[1:1 + D] / m, acc[1 + D:1 + 2 * D] / m
+            loss = config.text_weight * text + config.pix_weight * pix.sum().item() + config.sem_weight * sem.sum().item()
+            rate = acc[-1].item() / (time.time() - t0)
+            say(f"step {step}: loss {loss:.3f} | text {text:.3f} | pix " + " ".join(f"{x:.3f}" for x in pix)
+                + (" | sem " + " ".join(f"{x:.3f}" for x in sem) if raw.sem_head is not None else "")
+                + f" | lr {lr:.2e} | {rate:,.0f} tok/s")
+            acc, t0 = torch.zeros_like(acc), time.time()
+        if step % tc.ckpt_every == 0 or step == tc.max_steps:
+            path = Path(tc.out_dir) / f"step-{step:06d}"
+            save_checkpoint(path, raw, opt, tokenizer, batcher, tc, step, world, tc.fsdp)
+            say(f"saved {path}")
+    bar.close()
+    return raw
+
+
+def save_checkpoint(path, raw, opt, tokenizer, batcher, tc, step, world, fsdp):
+    """A save_pretrained directory (what sample.py needs) + train_state.pt (step, optimizer, every
+    rank's data RNG / cursor) + train_config.json. Collective under torch.distributed."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(raw, options=options) if fsdp else None  # gathered on rank 0
+    optim_sd = get_optimizer_state_dict(raw, opt, options=options)
+    data = [batcher.state_dict()]
+    if world > 1:
+        data = [None] * world
+        dist.all_gather_object(data, batcher.state_dict())
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        raw.save_pretrained(path, tokenizer, state_dict=model_sd)
+        torch.save({"step": step, "optimizer": optim_sd, "data": data, "world_size": world},
+                   Path(path) / "train_state.pt")
+        (Path(path) / "train_config.json").write_text(json.dumps(asdict(tc), indent=2) + "\n")
+    if world > 1:
+        dist.barrier()  # the directory is complete before any rank moves on (or exits)
+
+
+# ----------------------------------------------------------------------------------------------
+# python unified.py extract-codes --tokenizer DIR --codes OUT_DIR [--data shapes|SHARDS] [--n_images N]
+
+@torch.no_grad()
+def extract_codes(tc):
+    """Encode the images of --data once with the frozen tokenizer into versioned code shards
+    (safetensors: pix, sem (N, h, w, D) int16/int32; metadata: format, version, tokenizer
+    fingerprint, the records' captions and conversations as JSON)."""
+    device = "cuda" if (torch.cuda.is_available() if tc.device == "auto" else tc.device.startswith("cuda")) else "cpu"
+    tokenizer = _load_tokenizer(tc, device)
+    if not tc.codes:
+        raise ValueError("--codes DIR: where to write the shards")
+    out = Path(tc.codes)
+    out.mkdir(parents=True, exist_ok=True)
+    if tc.data == "shapes":
+        ds = ShapesDataset(tc.n_images)
+        items = ({"image": s["image"], "caption": s["caption"],
+                  "conversation": understanding_messages(s["question"], s["answer"])} for s in map(ds.__getitem__, range(len(ds))))
+    else:
+        s = tokenizer.config.siglip
+        ds = WebDataset(tc.data, s.image_size, resample=s.resample, shuffle=0, seed=tc.seed, rank=0, world_size=1)
+        items = ({"image": x["image"], "caption": x["caption"], "conversation": None}
+                 for x in itertools.islice(ds, tc.n_images))
+    dtype = torch.int16 if tokenizer.config.codebook_size <= 2**15 else torch.int32
+    meta = {"format": CODES_FORMAT, "version": CODES_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    shard, n_shards, n = {"pix": [], "sem": [], "records": []}, 0, 0
+
+    def flush():
+        nonlocal shard, n_shards
+        tensors = {k: torch.cat(shard[k]).to(dtype).contiguous() for k in ("pix", "sem")}
+        save_file(tensors, out / f"codes-{n_shards:05d}.safetensors",
+                  metadata={**meta, "records": json.dumps(shard["records"])})
+        shard, n_shards = {"pix": [], "sem": [], "records": []}, n_shards + 1
+
+    bar = tqdm(total=tc.n_images if tc.data == "shapes" else None, desc="extract-codes")
+    while batch := list(itertools.islice(items, tc.batch_size)):
+        pix, sem = tokenizer.encode(torch.stack([x["image"] for x in batch]).to(device))
+        for i, x in enumerate(batch):
+            shard["pix"].append(pix[i:i + 1].cpu())
+            shard["sem"].append(sem[i:i + 1].cpu())
+            shard["records"].append({"caption": x["caption"], "conversation": x["conversation"]})
+            n += 1
+            if len(shard["records"]) == tc.shard_size:
+                flush()
+        bar.update(len(batch))
+    if shard["records"]:
+        flush()
+    bar.close()
+    print(f"extract-codes: {n} images -> {n_shards} shards in {out} (tokenizer {meta['tokenizer']})")
+
+
+def main(argv):
+    command = "train"
+    if argv and argv[0] == "extract-codes":
+        command, argv = "extract-codes", argv[1:]
+    given, model_kw = parse_args(argv)
+    tc = resolve_train_config(given)
+    if command == "extract-codes":
+        if model_kw:
+            raise ValueError(f"extract-codes takes no model flags ({sorted(model_kw)})")
+        extract_codes(tc)
+    else:
+        train(tc, model_kw)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,392 @@
+"""
+Sample from a trained DualToken unified model (paper §3.3, §4.1).
+
+    python sample.py --prompt "a large red circle in the center on a white background"   # text → image
+    python sample.py --image x.png --prompt "What shape is in the image?"                # image → text
+    python sample.py --image x.png                                                       # describe it
+
+Text → image: the caption is the user turn and the assistant turn opens with <|vision_start|>; then
+grid × grid visual positions are generated one by one through the LLM's static KV cache. At each
+position both depth heads draw their D residual codes depth by depth; classifier-free guidance runs
+the conditional and the unconditional (empty caption) prompts as one batch [cond; uncond], combines
+each depth's logits as uncond + s·(cond − uncond) (s = 3 in the paper, §4.1) and feeds the same codes
+to both halves. Only the pixel codes are decoded, by the tokenizer's decoder (§3.3).
+
+Image → text: the image is encoded by the checkpoint's own DualTokenizer into pixel and semantic
+codes, read as one LLM position per patch, and the answer is decoded greedily (or sampled) through
+the KV cache, streamed as it is produced.
+"""
+
+import argparse
+import codecs
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import torch
+from tqdm import tqdm
+
+from data import (BACKGROUNDS, HELDOUT, IMAGE_PLACEHOLDER, QUESTIONS, SIZES, TRAIN_COMBOS, BadImage,
+                  encode_chat, open_image, read_shapes, shapes_caption, shapes_sample, to_pil, to_tensor)
+from unified import load_pretrained, sample_logits
+
+# the shipped demo checkpoint (trained on the shapes benchmark by the README's commands)
+DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "shapes")
+DESCRIBE = "Describe the image."  # the question asked when --image comes without --prompt
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+
+def left_pad(rows, pad_id):
+    """Token lists of different lengths -> ids (B, T) left-padded with pad_id, and key_mask (B, T),
+    False at the padding. Left, so every row's last prompt token sits at the same position and one
+    input_pos serves the whole batch; RoPE is relative, so the shift changes nothing else."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[b, T - len(r):] = True
+    return ids, mask
+
+
+def image_prompt(enc, special, caption):
+    # generation_messages() of unified.py up to the image: user turn, assistant header, <|vision_start|>
+    ids, _ = encode_chat(enc, [{"role": "user", "content": caption}], add_generation_prompt=True)
+    return ids + [special["<|vision_start|>"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Text → image
+
+@torch.no_grad()
+def generate_codes(model, enc, captions, cfg=3.0, temperature=1.0, top_k=None, top_p=None,
+                   generator=None, progress=False):
+    """Codes for one image per caption -> (pix (N, g, g, D), sem (N, g, g, D) or None).
+
+    cfg None: conditional rows only. cfg s: rows [cond; uncond] (uncond = the empty caption, as
+    dropped in training), logits combined per depth per head inside model.sample_codes.
+    """
+    c, special = model.config, model.config.special_tokens
+    rows = [image_prompt(enc, special, cap) for cap in captions]
+    if cfg is not None:
+        rows += [image_prompt(enc, special, "")] * len(captions)
+    ids, key_mask = left_pad(rows, special["<|endoftext|>"])
+    ids, key_mask = ids.to(model.pix_codebook.device), key_mask.to(model.pix_codebook.device)
+    R, T = ids.shape
+    P = c.grid * c.grid
+    if T + P > c.llm.max_seq_len:
+        raise UsageError(f"prompt of {T} tokens + {P} image positions exceeds the model's context of "
+                         f"{c.llm.max_seq_len}")
+    llm = model.llm
+    llm.setup_cache(R, T + P)
+    cache_mask = torch.ones(R, T + P, dtype=torch.bool, device=ids.device)
+    cache_mask[:, :T] = key_mask
+    pix, sem = [], []
+    try:
+        h = llm.hidden(input_embeds=model.embed(ids), input_pos=torch.arange(T, device=ids.device),
+                       key_mask=cache_mask)[:, -1]  # (R, dim): the state at <|vision_start|>
+        for p in tqdm(range(P), desc="positions", disable=not progress, leave=False):
+            pc, sc = model.sample_codes(h, cfg, temperature, top_k, top_p, generator)  # (N, D) each
+            pix.append(pc)
+            sem.append(sc)
+            if p == P - 1:
+                break  # the last position's state would only predict <|vision_end|>
+            rep = 2 if cfg is not None else 1
+            v = model.projector(model.visual_features(pc.repeat(rep, 1),
+                                                      None if sc is None else sc.repeat(rep, 1)))
+            h = llm.hidden(input_embeds=v[:, None].to(h.dtype),
+                           input_pos=torch.tensor([T + p], device=ids.device), key_mask=cache_mask)[:, -1]
+    finally:
+        llm.clear_cache()
+    g, N = c.grid, len(captions)
+    pix = torch.stack(pix, 1).view(N, g, g, -1)
+    sem = None if sem[0] is None else torch.stack(sem, 1).view(N, g, g, -1)
+    return pix, sem
+
+
+def image_grid(images, ncol=None):
+    """(N, 3, H, W) in [-1, 1] -> one PIL image, ncol columns with 2 px white gutters."""
+    N, _, H, W = images.shape
+    ncol = ncol or math.ceil(math.sqrt(N))
+    nrow = math.ceil(N / ncol)
+    canvas = torch.ones(3, nrow * (H + 2) - 2, ncol * (W + 2) - 2)
+    for i, im in enumerate(images):
+        r, col = divmod(i, ncol)
+        canvas[:, r * (H + 2): r * (H + 2) + H, col * (W + 2): col * (W + 2) + W] = im.float().cpu()
+    return to_pil(canvas)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image → text
+
+@torch.no_grad()
+def answer(model, enc, tokenizer, image, question, max_new_tokens=64, temperature=0.0, top_k=None,
+           top_p=None, generator=None, stream=None):
+    """image (3, S, S) in [-1, 1] + question -> the answer text (up to <|im_end|>).
+
+    stream: a callable given each new piece of text as soon as it forms whole UTF-8 characters.
+    """
+    c, special = model.config, model.config.special_tokens
+    device = model.pix_codebook.device
+    pix, sem = tokenizer.encode(image[None].to(device))  # (1, g, g, D) each
+    msgs = [{"role": "user", "content": IMAGE_PLACEHOLDER + "\n" + question}]
+    ids, _ = encode_chat(enc, msgs, add_generation_prompt=True, image_tokens=c.grid * c.grid)
+    T = len(ids)
+    if T + max_new_tokens > c.llm.max_seq_len:
+        raise UsageError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's "
+                         f"context of {c.llm.max_seq_len}")
+    ids = torch.tensor([ids], device=device)
+    x = model.embed(ids, pix.flatten(0, 2), sem.flatten(0, 2))  # (1, T, dim)
+    llm, end = model.llm, special["<|im_end|>"]
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = []
+    llm.setup_cache(1, T + max_new_tokens)
+
+    def text_logits(h):
+        # the LLM's vocabulary is padded past the text tokenizer's ids (Qwen: 151936 rows for 151665
+        # tokens): a row without a token is never a valid answer
+        return llm.head(h[:, -1]).float().index_fill(-1, padded_rows, float("-inf"))
+
+    padded_rows = torch.arange(enc.n_vocab, c.llm.vocab_size, device=device)
+    try:
+        logits = text_logits(llm.hidden(input_embeds=x, input_pos=torch.arange(T, device=device)))
+        for t in range(T, T + max_new_tokens):
+            tok = int(sample_logits(logits, temperature, top_k, top_p, generator)[0])
+            if tok == end or tok in (special["<|endoftext|>"], special["<|im_start|>"]):
+                break
+            out.append(tok)
+            if stream is not None:
+                piece = utf8.decode(enc.decode_single_token_bytes(tok))
+                if piece:
+                    stream(piece)
+            logits = text_logits(llm.hidden(torch.tensor([[tok]], device=device),
+                                            input_pos=torch.tensor([t], device=device)))
+    finally:
+        llm.clear_cache()
+    return enc.decode(out, errors="replace")
+
+
+# ----------------------------------------------------------------------------------------------
+# The shapes benchmark (python sample.py --eval shapes): generation read back from pixels, and
+# understanding on held-out images
+
+ATTRS = ("shape", "color", "size", "where", "background")
+
+
+def eval_prompts(split, n, seed=0):
+    """n fixed prompts of a split: its (color, shape, where) combinations in turn, size and background
+    cycled so every combination meets different ones -> list of attrs dicts."""
+    combos = TRAIN_COMBOS if split == "train" else HELDOUT
+    sizes, backgrounds = tuple(SIZES), tuple(BACKGROUNDS)
+    step = max(1, len(combos) // n)  # spread train prompts over all combinations
+    out = []
+    for i in range(n):
+        color, shape, where = combos[(i * step + seed) % len(combos)]
+        out.append(dict(shape=shape, color=color, where=where, size=sizes[i % 2],
+                        background=backgrounds[(i // 2) % 3]))
+    return out
+
+
+@torch.no_grad()
+def evaluate_shapes(model, enc, tokenizer, n_prompts=36, n_images=30, cfg=3.0, temperature=1.0,
+                    batch=18, seed=0, out_dir=None, progress=True):
+    """-> {"gen": {split: {attr: accuracy, "all": ...}}, "und": {question type: accuracy}}.
+
+    Generation: one image per fixed prompt (train combinations, and all held-out ones), decoded and
+    read back by data.read_shapes; an attribute counts when the reader finds what the prompt asked.
+    Understanding: every question type on n_images held-out images, exact match after lower-casing.
+    """
+    gen = torch.Generator(device=model.pix_codebook.device).manual_seed(seed)
+    results = {"gen": {}, "und": {}}
+    for split, n in (("train", n_prompts), ("heldout", len(HELDOUT))):
+        prompts = eval_prompts(split, n, seed)
+        hits = {a: 0 for a in ATTRS + ("all",)}
+        images = []
+        for i in tqdm(range(0, n, batch), desc=f"generate {split}", disable=not progress):
+            chunk = prompts[i:i + batch]
+            pix, _ = generate_codes(model, enc, [shapes_caption(a) for a in chunk], cfg, temperature,
+                                    generator=gen)
+            images.append(tokenizer.decode(pix).float().cpu())
+        images = torch.cat(images)
+        for want, im in zip(prompts, images):
+            got = read_shapes(im)
+            ok = [got[a] == want[a] for a in ATTRS]
+            for a, k in zip(ATTRS, ok):
+                hits[a] += k
+            hits["all"] += all(ok)
+        results["gen"][split] = {a: hits[a] / n for a in hits}
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            image_grid(images, ncol=9).save(os.path.join(out_dir, f"eval_{split}.png"))
+    size, resample = tokenizer.config.siglip.image_size, tokenizer.config.siglip.resample
+    hits = {k: 0 for k in QUESTIONS}
+    for i in tqdm(range(n_images), desc="answer heldout", disable=not progress):
+        s = shapes_sample(i, seed=seed, split="heldout")
+        x = to_tensor(s["image"], size, resample)
+        for (q, a), k in zip(s["qa"], QUESTIONS):
+            got = answer(model, enc, tokenizer, x, q, max_new_tokens=len(a) + 8)
+            hits[k] += got.strip().lower() == a.lower()
+    results["und"] = {k: hits[k] / n_images for k in hits}
+    return results
+
+
+def format_results(r):
+    lines = ["generation (read back from pixels)   " + "  ".join(f"{a:>10}" for a in ATTRS + ("all",))]
+    for split, acc in r["gen"].items():
+        lines.append(f"  {split:<35}" + "  ".join(f"{100 * acc[a]:>9.1f}%" for a in ATTRS + ("all",)))
+    lines.append("understanding (held-out images)      " + "  ".join(f"{k:>10}" for k in r["und"]))
+    lines.append(" " * 37 + "  ".join(f"{100 * v:>9.1f}%" for v in r["und"].values()))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line. SampleConfig is the single source of defaults; flags are generated from it.
+
+@dataclass
+class SampleConfig:
+    prompt: str = ""              # text → image: the caption; with --image: the question
+    eval: str = ""                # "shapes": the benchmark table (generation + understanding)
+    image: str = ""               # image → text: the image to read
+    ckpt: str = DEFAULT_CKPT      # a UnifiedModel.save_pretrained directory
+    num_samples: int = 4          # text → image: images per prompt
+    cfg: float = 3.0              # text → image: classifier-free guidance scale (paper: 3); 0 = unconditional
+    temperature: float = 1.0      # text → image default; image → text answers greedily unless set
+    top_k: int = 0                # 0 = off
+    top_p: float = 1.0            # 1 = off
+    max_new_tokens: int = 64      # image → text
+    seed: int = 0
+    out: str = "samples"          # text → image: directory for the PNGs
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    compile: bool = False         # torch.compile the LLM's decoding step
+
+# the flags that only make sense in one mode, to refuse them in the other
+GENERATION_ONLY = ("num_samples", "cfg", "out")
+UNDERSTANDING_ONLY = ("max_new_tokens",)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(SampleConfig):
+        kind = {"bool": "store_true"}.get(type(f.default).__name__)
+        if kind:
+            p.add_argument(f"--{f.name}", action=kind, default=None)
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=None,
+                           help=f"(default: {f.default!r})")
+    args = p.parse_args(argv)
+    given = {k for k, v in vars(args).items() if v is not None}
+    cfg = SampleConfig(**{k: getattr(args, k) for k in given})
+    return cfg, given
+
+
+def check_flags(cfg, given):
+    if cfg.eval:
+        if cfg.eval != "shapes":
+            raise UsageError(f"--eval {cfg.eval!r}: the only benchmark is 'shapes'")
+        wrong = [k for k in ("prompt", "image", "num_samples") if k in given]
+        if wrong:
+            raise UsageError(f"--{wrong[0]} does not apply to --eval")
+    elif cfg.image:
+        wrong = [k for k in GENERATION_ONLY if k in given]
+        if wrong:
+            raise UsageError(f"--{wrong[0]} applies to text → image, not to --image")
+    else:
+        if not cfg.prompt:
+            raise UsageError("nothing to do: give --prompt CAPTION (text → image) or --image PATH")
+        wrong = [k for k in UNDERSTANDING_ONLY if k in given]
+        if wrong:
+            raise UsageError(f"--{wrong[0]} applies to --image (image → text) only")
+        if cfg.num_samples < 1:
+            raise UsageError(f"--num_samples must be at least 1, got {cfg.num_samples}")
+    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
+        raise UsageError("--temperature must be ≥ 0, --top_p in (0, 1], --top_k ≥ 0")
+
+
+def load(ckpt, device):
+    if not os.path.isdir(ckpt):
+        hint = " (the demo checkpoint is made by the README's training commands)" if ckpt == DEFAULT_CKPT else ""
+        raise UsageError(f"no checkpoint directory at {ckpt}{hint}")
+    try:
+        model, enc, tokenizer = load_pretrained(ckpt, device)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise UsageError(f"cannot load checkpoint {ckpt}: {e}") from None
+    return model, enc, tokenizer
+
+
+def main(argv=None):
+    cfg, given = parse_args(argv)
+    check_flags(cfg, given)
+    device = torch.device(cfg.device)
+    model, enc, tokenizer = load(cfg.ckpt, device)
+    # bf16 autocast on the GPU (the RVQ search and RMSNorm stay fp32 inside); plain fp32 on the CPU
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with ctx:
+        return run(cfg, given, model, enc, tokenizer, device)
+
+
+def run(cfg, given, model, enc, tokenizer, device):
+    if cfg.compile:
+        model.llm.hidden = torch.compile(model.llm.hidden, dynamic=True)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    top_k = cfg.top_k or None
+    top_p = cfg.top_p if cfg.top_p < 1 else None
+
+    if cfg.eval:
+        t0 = time.perf_counter()
+        r = evaluate_shapes(model, enc, tokenizer, cfg=cfg.cfg, temperature=cfg.temperature, seed=cfg.seed,
+                            out_dir=cfg.out)
+        print(format_results(r))
+        print(f"({time.perf_counter() - t0:.0f} s; grids of the generated images in {cfg.out}/)")
+        return r
+
+    if cfg.image:
+        try:
+            im = open_image(cfg.image)
+        except BadImage as e:
+            raise UsageError(f"cannot read image {cfg.image}: {e}") from None
+        size, resample = tokenizer.config.siglip.image_size, tokenizer.config.siglip.resample
+        x = to_tensor(im, size, resample)
+        question = cfg.prompt or DESCRIBE
+        temperature = cfg.temperature if "temperature" in given else 0.0  # greedy by default
+        text = answer(model, enc, tokenizer, x, question, cfg.max_new_tokens, temperature, top_k, top_p,
+                      gen, stream=lambda s: print(s, end="", flush=True))
+        print()
+        return text
+
+    t0 = time.perf_counter()
+    captions = [cfg.prompt] * cfg.num_samples
+    pix, _ = generate_codes(model, enc, captions, cfg.cfg, cfg.temperature, top_k, top_p, gen, progress=True)
+    t1 = time.perf_counter()
+    images = tokenizer.decode(pix).float().cpu()  # (N, 3, H, W) in [-1, 1]
+    t2 = time.perf_counter()
+    os.makedirs(cfg.out, exist_ok=True)
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(os.path.join(cfg.out, f"sample_{i:02d}.png"))
+        to_pil(im).save(paths[-1])
+    paths.append(os.path.join(cfg.out, "grid.png"))
+    image_grid(images).save(paths[-1])
+    P = model.config.grid ** 2
+    print(f"{cfg.num_samples} images of {P} positions in {t1 - t0:.2f} s ({P / (t1 - t0):.1f} positions/s, "
+          f"{(t2 - t0) / cfg.num_samples:.2f} s per image with decoding), cfg {cfg.cfg}")
+    for path in paths:
+        print(path)
+    return paths
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
