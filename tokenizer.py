@@ -10,24 +10,42 @@ the remaining layer, post_layernorm and the MAP head, so the pooled embedding (z
 is computed from the quantized semantics.
 
 Sections: SigLIP (config, towers, strict HF loading, sigmoid loss), then the DualTokenizer (config and
-presets, projections, decoder, model).
+presets, projections, decoder, model), then stage-1 training, evaluation and the shapes teacher:
+
+    python tokenizer.py --preset shapes-teacher       # micro-SigLIP teacher for the shapes demo
+    python tokenizer.py --preset shapes               # stage 1 on shapes, from that teacher
+    python tokenizer.py --preset shapes --eval        # PSNR/SSIM/codebooks/zero-shot + PNGs
+    torchrun --nproc_per_node=8 tokenizer.py --preset so400m --siglip DIR --data 'cc12m/{00000..02175}.tar'
 """
 
+import argparse
+import copy
+import inspect
+import itertools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
-from typing import NamedTuple
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
+from data import (BACKGROUNDS, COLORS, SHAPES, SHAPES_RES, SIZES, WHERES, ClassFolderDataset, ShapesDataset,
+                  WebDataset, expand_urls, load_text_tokenizer, parse_shapes_caption, shapes_caption, to_pil)
+from losses import LPIPS, PatchGAN, adaptive_gan_weight, generator_loss, hinge_d_loss, psnr, semantic_loss, ssim
 from rvq import ResidualVQ
 
 # -----------------------------------------------------------------------------
@@ -758,3 +776,846 @@ class DualTokenizer(nn.Module):
         state_dict = load_file(os.path.join(path, "model.safetensors"), device=str(device))
         model.load_state_dict(state_dict, strict=True)  # errors name the key and both shapes
         return model.eval()  # as transformers does; training calls .train()
+
+
+# -----------------------------------------------------------------------------
+# Stage-1 training, evaluation and the shapes teacher (§3.2). Where the paper is silent the official
+# release is followed: songweii/DualToken run_stage1.sh and src/open_clip_train/{main,train}.py.
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Defaults: the official stage-1 run of the paper's tokenizer (so400m/384 on CC12M, 8 GPUs × 32).
+    # Every field is a flag `--name value`; `--preset NAME` starts from TRAIN_PRESETS[NAME] instead.
+    # --- what to run, on what
+    stage: str = "tokenizer"     # "teacher": pretrain the shapes micro-SigLIP; "tokenizer": stage 1; "eval"
+    eval: bool = False           # --eval: the same as --stage eval
+    model: str = "so400m"        # TOKENIZER_PRESETS name; the backbone's own config comes from --siglip
+    siglip: str = ""             # SigLIP directory: the initial weights and the frozen teacher (F_0, eq. 4)
+    data: str = ""               # "shapes", or webdataset shards as a brace pattern: "cc12m/{00000..02175}.tar"
+    out_dir: str = "out/tokenizer"  # checkpoint (config.json, model.safetensors, train_state.pt) and PNGs
+    resume: bool = False         # continue from the checkpoint in out_dir
+    lpips: str = ""              # LPIPS weights (python losses.py convert-lpips); "" = LPIPS off
+    # --- Table 3 ablations. None keeps the model preset's tap.
+    ablation: str = ""           # "joint": (b) Recon(26)+Sem(26); "recon_only": (c) Recon(6); "": (d), the paper's
+    rec_layer: Optional[int] = None
+    sem_layer: Optional[int] = None
+    shortcut_weight: Optional[float] = None
+    # --- loss, official train.py: sem_weight·[5·S(F, F_0) + 1·S(pool, pool_0)] + 5·(commit_pix + commit_sem)
+    #     + 5·MSE(x̂, x) + 1·LPIPS(x̂, x) + 0.75·λ·G(x̂), S = MSE + (1 − cos) (losses.semantic_loss)
+    sem_weight: float = 1.0      # 0 = reconstruction only, Table 3(c)
+    sem_layer_weight: float = 5.0
+    sem_pool_weight: float = 1.0
+    commit_weight: float = 5.0
+    mse_weight: float = 5.0
+    lpips_weight: float = 1.0
+    gan_weight: float = 0.75     # × the adaptive λ (clamped to [0.3, 10] as in the official code)
+    disc_start: int = 19531      # official: the GAN starts halfway through epoch 0 (10M / (32·8) / 2 steps)
+    disc_norm: str = "batch"     # PatchGAN norm: "batch" (official, use_actnorm=False) or "act"
+    # --- optimization (run_stage1.sh; cosine to 0 as open_clip's cosine_lr)
+    lr: float = 7.2e-5
+    min_lr: float = 0.0
+    betas: tuple = (0.5, 0.9)
+    weight_decay: float = 1e-4   # on ≥2-D tensors only (open_clip: no decay on biases, norms, gains)
+    warmup: int = 10000
+    max_steps: int = 781250      # 20 epochs × 10M CC12M images / (32 × 8)
+    decay_steps: int = 0         # cosine length; 0 = max_steps (set it to stop early on the same schedule)
+    batch_size: int = 32         # per process (GPU)
+    grad_accum: int = 1          # micro-batches per optimizer step
+    grad_clip: float = 0.0       # 0 = off (the official run sets no clipping)
+    # --- evaluation
+    eval_data: str = ""          # class-folder set (ImageNet val layout) for real-data eval and zero-shot
+    class_names: str = ""        # class-name file for eval_data (data.ClassFolderDataset); "" = folder names
+    prompt: str = "a photo of a {}."  # zero-shot prompt template for eval_data
+    text_tokenizer: str = ""     # "bytes" (shapes), or an HF tokenizer directory; "" = the --siglip directory
+    eval_n: int = 50000          # images per evaluation (ImageNet val: all 50k), spread over the set
+    eval_every: int = 5000
+    # --- system and logging
+    device: str = "auto"         # "auto": cuda:LOCAL_RANK when CUDA is available, else cpu
+    dtype: str = "bfloat16"      # autocast dtype on CUDA ("float32" = off); CPU always runs fp32
+    compile: bool = False
+    grad_checkpointing: bool = False  # activation checkpointing of the ViT blocks (so400m at batch 32)
+    workers: int = 4             # DataLoader workers per process
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 5000
+
+
+TRAIN_PRESETS = {
+    "so400m": TrainConfig(),
+    "so400m-256": TrainConfig(model="so400m-256"),
+    # The CPU demo, a few minutes each on 2 cores. The teacher is a SigLIP trained from scratch with
+    # the sigmoid loss (Zhai et al. use β2 = 0.95 and a larger lr than a fine-tune); the tokenizer then
+    # starts from it. Captions use the bytes encoding; data is an endless stream of fresh samples.
+    "shapes-teacher": TrainConfig(
+        stage="teacher", model="shapes", data="shapes", out_dir="out/shapes-teacher", lr=1e-3,
+        betas=(0.9, 0.95), weight_decay=1e-4, warmup=50, max_steps=400, batch_size=32,
+        text_tokenizer="bytes", eval_n=512, eval_every=200, workers=0, log_every=50, ckpt_every=400),
+    "shapes": TrainConfig(
+        model="shapes", data="shapes", siglip="out/shapes-teacher", out_dir="out/shapes-tokenizer",
+        lr=3e-4, warmup=50, max_steps=500, disc_start=300, batch_size=16, text_tokenizer="bytes",
+        eval_n=512, eval_every=250, workers=0, log_every=50, ckpt_every=250),
+}
+
+TRAIN_STATE_FORMAT = "dualtoken-train-state/1"  # train_state.pt, checked on --resume
+STAGES = ("teacher", "tokenizer", "eval")
+ABLATIONS = ("", "joint", "recon_only")
+
+
+class UsageError(Exception):
+    # A mistake on the command line or a missing input: main() prints it as one line, no traceback.
+    pass
+
+
+class _Stream(torch.utils.data.Sampler):
+    # Endless sample indices for one rank, from global micro-batch `start` on: micro-batch m of rank r
+    # holds indices (m·world + r)·B … + B − 1. The stream is a function of the step alone, so a resumed
+    # run reads exactly the samples the uninterrupted run would have.
+
+    def __init__(self, start, rank, world, batch):
+        self.start, self.rank, self.world, self.batch = start, rank, world, batch
+
+    def __iter__(self):
+        for m in itertools.count(self.start):
+            base = (m * self.world + self.rank) * self.batch
+            yield from range(base, base + self.batch)
+
+
+class Env(NamedTuple):
+    rank: int
+    world: int
+    device: torch.device
+    ddp: bool
+    ctx: object                  # autocast on CUDA, nullcontext on CPU
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+# --- command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):    # argparse would print the whole usage first: one line instead
+        raise UsageError(f"{message} (see --help)")
+
+
+def _parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def _parse_floats(s):
+    try:
+        return tuple(float(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def parse_args(argv):
+    """Command line -> TrainConfig: the preset's values (or the defaults), then the flags given.
+    One flag per TrainConfig field, typed from its annotation; unknown flags are errors."""
+    p = _Parser(prog="tokenizer.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
+                description="DualToken stage 1: train / evaluate the tokenizer, or the shapes teacher.")
+    p.add_argument("--preset", help=f"start from a named configuration: {', '.join(TRAIN_PRESETS)}")
+    for f in fields(TrainConfig):
+        kind = f.type
+        if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        helptext = f"default {f.default!r}"
+        if kind is bool:  # `--compile` alone means true; `--compile false` also works
+            p.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, help=helptext)
+        elif kind is tuple:
+            p.add_argument(f"--{f.name}", type=_parse_floats, metavar="A,B", help=helptext)
+        else:
+            p.add_argument(f"--{f.name}", type=kind, help=helptext)
+    args = vars(p.parse_args(argv))
+    name = args.pop("preset", None)
+    if name is not None and name not in TRAIN_PRESETS:
+        raise UsageError(f"unknown preset {name!r}; presets: {', '.join(TRAIN_PRESETS)}")
+    cfg = replace(TRAIN_PRESETS[name] if name else TrainConfig(), **args)
+    return check_config(cfg)
+
+
+def check_config(cfg):
+    """Checks the values and resolves the ablation into the switches it stands for."""
+    for name, value, allowed in (("stage", cfg.stage, STAGES), ("ablation", cfg.ablation, ABLATIONS),
+                                 ("model", cfg.model, tuple(TOKENIZER_PRESETS)),
+                                 ("dtype", cfg.dtype, ("bfloat16", "float16", "float32")),
+                                 ("disc_norm", cfg.disc_norm, ("batch", "act"))):
+        if value not in allowed:
+            raise UsageError(f"--{name} {value!r}: choose from {', '.join(map(repr, allowed))}")
+    for name in ("max_steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "eval_every", "eval_n"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be at least 1")
+    if len(cfg.betas) != 2:
+        raise UsageError(f"--betas takes two numbers, got {cfg.betas}")
+    if cfg.ablation == "joint":
+        # Table 3(b): reconstruction read from the semantic layer itself, no shallow shortcut
+        sem = cfg.sem_layer if cfg.sem_layer is not None else TOKENIZER_PRESETS[cfg.model].sem_layer
+        if cfg.rec_layer not in (None, sem) or cfg.shortcut_weight not in (None, 0.0):
+            raise UsageError("--ablation joint sets rec_layer = sem_layer and shortcut_weight = 0; "
+                             "drop --rec_layer / --shortcut_weight")
+        cfg = replace(cfg, rec_layer=sem, shortcut_weight=0.0)
+    elif cfg.ablation == "recon_only":
+        # Table 3(c): no semantic objective at all
+        if cfg.sem_weight not in (0.0, TrainConfig.sem_weight):
+            raise UsageError("--ablation recon_only sets sem_weight = 0; drop --sem_weight")
+        cfg = replace(cfg, sem_weight=0.0)
+    return cfg
+
+
+def tokenizer_config(cfg, siglip_config):
+    """The model preset around the checkpoint's backbone, with the ablation switches applied."""
+    c = replace(TOKENIZER_PRESETS[cfg.model], siglip=siglip_config)
+    c = replace(c, **{k: getattr(cfg, k) for k in ("rec_layer", "sem_layer", "shortcut_weight")
+                      if getattr(cfg, k) is not None})
+    try:  # DualTokenizer checks the taps against the backbone; on meta that costs no memory
+        with torch.device("meta"):
+            DualTokenizer(c)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return c
+
+
+def _is_siglip_dir(path):
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def check_inputs(cfg):
+    """Every path the run will read, checked before any work starts."""
+    evaluating = cfg.eval or cfg.stage == "eval"
+    if cfg.stage == "teacher":
+        if cfg.data != "shapes":
+            raise UsageError("--stage teacher pretrains the micro-SigLIP of the shapes demo (--data shapes); "
+                             "at full scale pass a pretrained SigLIP directory with --siglip")
+        if cfg.resume:
+            raise UsageError("--resume applies to the tokenizer stage; the teacher stage takes minutes, rerun it")
+        return
+    if cfg.siglip and not _is_siglip_dir(cfg.siglip):
+        hint = " (make it first: python tokenizer.py --preset shapes-teacher)" if cfg.data == "shapes" else ""
+        raise UsageError(f"--siglip {cfg.siglip}: not a SigLIP directory (no config.json){hint}")
+    if cfg.lpips and not os.path.isfile(cfg.lpips):
+        raise UsageError(f"--lpips {cfg.lpips}: no such file (make it with: python losses.py convert-lpips ...)")
+    if cfg.eval_data and not os.path.isdir(cfg.eval_data):
+        raise UsageError(f"--eval_data {cfg.eval_data}: no such directory")
+    if evaluating:
+        if not os.path.isfile(os.path.join(cfg.out_dir, "config.json")):
+            raise UsageError(f"--eval: no tokenizer checkpoint in --out_dir {cfg.out_dir}")
+        if cfg.data != "shapes" and not cfg.eval_data:
+            raise UsageError("--eval on real data needs --eval_data DIR (class folders, ImageNet val layout)")
+        return
+    if not cfg.siglip:
+        raise UsageError("--siglip DIR is required: the SigLIP to start from and keep as the teacher")
+    if not cfg.data:
+        raise UsageError("--data is required: 'shapes' or webdataset shards ('cc12m/{00000..02175}.tar')")
+    if cfg.data != "shapes":
+        urls = expand_urls(cfg.data)
+        missing = [u for u in urls if not os.path.isfile(u)]
+        if missing:
+            raise UsageError(f"--data: {len(missing)} of {len(urls)} shards missing, e.g. {missing[0]}")
+    if cfg.resume and not os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
+        raise UsageError(f"--resume: no train_state.pt in --out_dir {cfg.out_dir}")
+
+
+# --- setup, schedule, data, text
+
+
+def setup(cfg):
+    # torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python tokenizer.py` is one process
+    ddp = "RANK" in os.environ
+    rank, local, world = (int(os.environ.get(k, 0)) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        name = f"cuda:{local}"
+        torch.cuda.set_device(name)
+    device = torch.device(name)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    world = world if ddp else 1
+    use_amp = device.type == "cuda" and cfg.dtype != "float32"
+    ctx = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if use_amp else nullcontext()
+    return Env(rank, world, device, ddp, ctx)
+
+
+def lr_at(cfg, step):
+    # open_clip cosine_lr: linear warmup to lr over `warmup` steps, then a half cosine down to min_lr
+    # at decay_steps (default max_steps)
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    total = cfg.decay_steps or cfg.max_steps
+    t = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model, cfg, fused=False):
+    # official (open_clip main.py): AdamW, no weight decay on biases, norms and gains (tensors under 2-D)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+
+
+def train_loader(cfg, env, size, resample, start):
+    """-> (dataset, endless iterator of this rank's micro-batches, from global micro-batch `start`)."""
+    # A DataLoader iterator draws its workers' base seed from the global RNG unless it has a generator
+    # of its own: that draw would make a resumed run's RNG stream differ from the uninterrupted one.
+    gen = torch.Generator().manual_seed(cfg.seed + env.rank + start)
+    if cfg.data == "shapes":
+        if size != SHAPES_RES:
+            raise UsageError(f"--data shapes renders {SHAPES_RES}×{SHAPES_RES} images; this model takes {size}")
+        ds = ShapesDataset(2 ** 62, seed=cfg.seed)  # fresh samples, never an epoch boundary
+        sampler = _Stream(start, env.rank, env.world, cfg.batch_size)
+        loader = torch.utils.data.DataLoader(ds, cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                                             generator=gen)
+    else:
+        # Shards are split over ranks and workers inside WebDataset. A resumed run cannot seek into a
+        # stream of tar files, so it reshuffles with a seed that includes the step instead.
+        ds = WebDataset(cfg.data, size, resample, seed=cfg.seed + start, rank=env.rank,
+                        world_size=env.world, repeat=True)
+        loader = torch.utils.data.DataLoader(ds, cfg.batch_size, num_workers=cfg.workers, drop_last=True,
+                                             generator=gen)
+    return ds, iter(loader)
+
+
+def text_encoder(cfg, text_len):
+    """-> encode(list of str) -> ids (B, text_len) long, padded as SigLIP is trained: to a fixed length
+    (HF processor padding="max_length"), because the text tower pools the last position."""
+    name = cfg.text_tokenizer or cfg.siglip
+    if name == "bytes":
+        enc = load_text_tokenizer("bytes")
+        pad = enc.encode_single_token("<|endoftext|>")  # 256
+
+        def encode(texts):
+            rows = [enc.encode(t, disallowed_special=())[:text_len] for t in texts]
+            return torch.tensor([r + [pad] * (text_len - len(r)) for r in rows], dtype=torch.long)
+        return encode
+    # Real SigLIPs use SentencePiece (v1) / Gemma (v2) vocabularies, which data.load_text_tokenizer
+    # (byte-level BPE) does not read: transformers' tokenizer is an optional dependency here.
+    try:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(name)
+    except ImportError:
+        raise UsageError("zero-shot on real data reads the SigLIP's text tokenizer with transformers: "
+                         "pip install transformers sentencepiece") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--text_tokenizer {name}: {str(e).splitlines()[0]}") from None
+
+    def encode(texts):
+        out = tok(texts, padding="max_length", max_length=text_len, truncation=True)
+        return torch.tensor(out["input_ids"], dtype=torch.long)
+    return encode
+
+
+# --- zero-shot classification through the text tower
+
+
+SHAPES_ATTRS = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES), "where": WHERES,
+                "background": tuple(BACKGROUNDS)}
+
+
+def shapes_prompts(attr):
+    # One prompt ensemble per class (CLIP, Radford et al. 2021 §3.1.4) written in the benchmark's own
+    # caption grammar: the teacher only ever read captions, so a bare class name ("a circle") would be
+    # out of its distribution. Per class, 18 captions in which every value of every other attribute
+    # appears equally often (18 = lcm of their counts 2, 3, 6, 9), so averaging cancels them out.
+    # -> [classes][18 prompts]
+    rest = [k for k in SHAPES_ATTRS if k != attr]
+    n = math.lcm(*(len(SHAPES_ATTRS[k]) for k in rest))
+    return [[shapes_caption({attr: v, **{k: SHAPES_ATTRS[k][i % len(SHAPES_ATTRS[k])] for k in rest}})
+             for i in range(n)] for v in SHAPES_ATTRS[attr]]
+
+
+@torch.no_grad()
+def text_classifier(siglip, encode, prompts, device):
+    # -> (classes, D): per class the normalized mean of its normalized prompt embeddings
+    rows = []
+    for class_prompts in prompts:
+        e = F.normalize(siglip.encode_text(encode(class_prompts).to(device)).float(), dim=-1)
+        rows.append(F.normalize(e.mean(0), dim=-1))
+    return torch.stack(rows)
+
+
+def zero_shot_tasks(cfg, siglip, encode, dataset, device):
+    """-> {task: (classifier (classes, D), labels(batch) -> (B,) long)}. On shapes: shape and color;
+    on a class-folder set: its classes with cfg.prompt. SigLIP's logits are an increasing function of
+    the cosine (scale > 0), so top-1 over cosines is top-1 over logits."""
+    if isinstance(dataset, ShapesDataset):
+        def labels(attr):
+            return lambda b: torch.tensor([SHAPES_ATTRS[attr].index(parse_shapes_caption(c)[attr])
+                                           for c in b["caption"]])
+        return {a: (text_classifier(siglip, encode, shapes_prompts(a), device), labels(a))
+                for a in ("shape", "color")}
+    names = dataset.dataset.class_names if isinstance(dataset, torch.utils.data.Subset) else dataset.class_names
+    prompts = [[cfg.prompt.format(n)] for n in names]
+    return {"top-1": (text_classifier(siglip, encode, prompts, device), lambda b: b["label"])}
+
+
+def eval_dataset(cfg, size, resample):
+    # shapes: eval_n unseen samples (another seed than the training stream); real: eval_n images
+    # spread evenly over the class folders (ImageNet val is sorted by class)
+    if not cfg.eval_data:
+        return ShapesDataset(cfg.eval_n, seed=cfg.seed + 1)
+    ds = ClassFolderDataset(cfg.eval_data, size, resample, class_names=cfg.class_names or None)
+    if len(ds) > cfg.eval_n:
+        ds = torch.utils.data.Subset(ds, np.linspace(0, len(ds) - 1, cfg.eval_n).round().astype(int).tolist())
+    return ds
+
+
+def save_grid(x, recon, path, n=8):
+    # originals above their reconstructions: one (3, 2·S, n·S) image
+    x, recon = x[:n].float().cpu(), recon[:n].float().cpu()
+    to_pil(torch.cat([torch.cat(list(x), dim=2), torch.cat(list(recon), dim=2)], dim=1)).save(path)
+
+
+@torch.no_grad()
+def evaluate(model, teacher, dataset, tasks, env, cfg, lpips=None, png_dir=None, grid=None):
+    """Reconstruction (PSNR, SSIM on [0, 1]; LPIPS), both codebooks' usage and perplexity, semantic
+    cosine to the teacher and zero-shot top-1 of tokenizer and teacher. -> dict of figures."""
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, num_workers=min(cfg.workers, 4),
+                                         generator=torch.Generator())  # leaves the training RNG alone
+    sums = {k: 0.0 for k in ("psnr", "ssim", "lpips", "cos_layer", "cos_pool")}
+    correct = {f"{t}/{who}": 0 for t in tasks for who in ("tokenizer", "teacher")}
+    counts = {"pix": 0, "sem": 0}  # code histograms: ImageNet val's 50k × 729 × 8 codes do not fit a list
+    n = 0
+    for batch in loader:
+        x = batch["image"].to(env.device)
+        with env.ctx:
+            out = model(x)
+            f0, p0 = model.teacher_targets(teacher, x) if teacher is not None else (None, None)
+        recon = out.recon.float().clamp(-1, 1)
+        a, b = (recon + 1) / 2, (x + 1) / 2
+        sums["psnr"] += psnr(a, b).sum().item()
+        sums["ssim"] += ssim(a, b).sum().item()
+        if lpips is not None:
+            sums["lpips"] += lpips(recon, x).sum().item()
+        for branch, codes in (("pix", out.pix_codes), ("sem", out.sem_codes)):
+            counts[branch] = counts[branch] + torch.bincount(codes.flatten(), minlength=model.pix_rvq.codebook_size)
+        for t, (classifier, labels) in tasks.items():
+            y = labels(batch).to(env.device)
+            pred = (F.normalize(out.pooled.float(), dim=-1) @ classifier.t()).argmax(-1)
+            correct[f"{t}/tokenizer"] += (pred == y).sum().item()
+            if teacher is not None:
+                pred = (F.normalize(p0.float(), dim=-1) @ classifier.t()).argmax(-1)
+                correct[f"{t}/teacher"] += (pred == y).sum().item()
+        if teacher is not None:
+            sums["cos_layer"] += F.cosine_similarity(out.sem.float(), f0.float(), dim=-1).mean(1).sum().item()
+            sums["cos_pool"] += F.cosine_similarity(out.pooled.float(), p0.float(), dim=-1).sum().item()
+        if grid is not None and n == 0:
+            save_grid(x, recon, grid)
+        if png_dir is not None:  # real and reconstructed images side by side for clean-fid
+            for i in range(x.shape[0]):
+                to_pil(x[i]).save(os.path.join(png_dir, "real", f"{n + i:05d}.png"))
+                to_pil(recon[i]).save(os.path.join(png_dir, "recon", f"{n + i:05d}.png"))
+        n += x.shape[0]
+    model.train(was_training)
+    res = {k: v / n for k, v in sums.items()}
+    res.update({k: v / n for k, v in correct.items()})
+    res["n"] = n
+    for branch in ("pix", "sem"):
+        # rvq.codebook_usage from the histogram: fraction of entries used, exp(entropy)
+        p = counts[branch].double() / counts[branch].sum()
+        res[f"{branch}_used"] = (counts[branch] > 0).double().mean().item()
+        res[f"{branch}_ppl"] = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum()).item()
+    return res
+
+
+def format_results(res, model, teacher, lpips, title):
+    c = model.config
+    lines = [f"==== {title}: {res['n']} images ====",
+             f"reconstruction   PSNR {res['psnr']:.2f} dB   SSIM {res['ssim']:.4f}   " +
+             (f"LPIPS {res['lpips']:.4f}" if lpips is not None else "LPIPS off (no --lpips weights)")]
+    for branch, name in (("pix", "pixel codes"), ("sem", "semantic codes")):
+        lines.append(f"{name:<16} used {100 * res[f'{branch}_used']:.1f}% of {c.codebook_size}   "
+                     f"perplexity {res[f'{branch}_ppl']:.1f}")
+    if teacher is not None:
+        lines.append(f"semantic cosine to the teacher   layer {c.sem_layer}: {res['cos_layer']:.4f}   "
+                     f"pooled: {res['cos_pool']:.4f}")
+    for key in res:
+        if key.endswith("/tokenizer"):
+            task = key.split("/")[0]
+            ref = f"   teacher {100 * res[f'{task}/teacher']:.1f}%" if teacher is not None else ""
+            lines.append(f"zero-shot {task:<7} tokenizer {100 * res[key]:.1f}%{ref}")
+    return "\n".join(lines)
+
+
+# --- checkpoints
+
+
+@torch.no_grad()
+def tensor_digest(tensors):
+    # (tensors, 2) float64: sum and sum of squares of each tensor, a cheap fingerprint to compare
+    return torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors])
+
+
+def synced_tensors(model, disc):
+    # what must be equal on every rank: the tokenizer's parameters and buffers (the EMA codebooks)
+    # and the discriminator's parameters (its BatchNorm running statistics are per rank, as in taming,
+    # and unused: the discriminator always runs in training mode)
+    return [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point()), *disc.parameters()]
+
+
+def check_ranks_in_sync(env, tensors):
+    """All ranks must hold the same weights and codebooks: DDP keeps the parameters equal, rvq.py's
+    all-reduce the EMA codebooks. Raises when they diverged; returns the number of tensors compared."""
+    d = tensor_digest(tensors)
+    if env.ddp:
+        gathered = [torch.empty_like(d) for _ in range(env.world)]
+        dist.all_gather(gathered, d)
+        if any(not torch.equal(g, d) for g in gathered):
+            raise RuntimeError("ranks diverged: parameters or codebooks differ between processes")
+    return d.shape[0]
+
+
+def save_checkpoint(cfg, env, model, disc, opt, dopt, step):
+    # Model: save_pretrained from the unwrapped, uncompiled module (no DDP/compile key prefixes).
+    # Training state apart, in one torch file readable with weights_only=True: optimizers,
+    # discriminator, step, and every rank's RNG state.
+    rng = [torch.get_rng_state()]
+    cuda_rng = [torch.cuda.get_rng_state(env.device)] if env.device.type == "cuda" else []
+    if env.ddp:  # object collectives, so ranks may differ in RNG state size (none do today)
+        everyone = [None] * env.world
+        dist.all_gather_object(everyone, (rng[0], cuda_rng[0] if cuda_rng else None))
+        rng = [r for r, _ in everyone]
+        cuda_rng = [c for _, c in everyone] if cuda_rng else []
+    n = check_ranks_in_sync(env, synced_tensors(model, disc))
+    if env.master:
+        tmp = os.path.join(cfg.out_dir, ".checkpoint.tmp")
+        model.save_pretrained(tmp)
+        torch.save({"format": TRAIN_STATE_FORMAT, "step": step, "config": asdict(cfg),
+                    "optimizer": opt.state_dict(), "disc": disc.state_dict(), "disc_optimizer": dopt.state_dict(),
+                    "rng": rng, "cuda_rng": cuda_rng}, os.path.join(tmp, "train_state.pt"))
+        for f in os.listdir(tmp):  # file by file, so a crash leaves either the old or the new file
+            os.replace(os.path.join(tmp, f), os.path.join(cfg.out_dir, f))
+        os.rmdir(tmp)
+        tqdm.write(f"step {step}: checkpoint in {cfg.out_dir} ({env.world} rank(s) in sync over {n} tensors)")
+    if env.ddp:
+        dist.barrier()
+
+
+def load_train_state(cfg, env, disc, opt, dopt):
+    state = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), map_location="cpu", weights_only=True)
+    if state.get("format") != TRAIN_STATE_FORMAT:
+        raise UsageError(f"{cfg.out_dir}/train_state.pt is not a {TRAIN_STATE_FORMAT} file")
+    opt.load_state_dict(state["optimizer"])
+    disc.load_state_dict(state["disc"])
+    dopt.load_state_dict(state["disc_optimizer"])
+    if env.rank < len(state["rng"]):
+        torch.set_rng_state(state["rng"][env.rank])
+        if env.device.type == "cuda" and env.rank < len(state["cuda_rng"]):
+            torch.cuda.set_rng_state(state["cuda_rng"][env.rank], env.device)
+    else:  # more ranks than the run that saved: the new ranks start fresh streams
+        torch.manual_seed(cfg.seed + env.rank + 1000 * state["step"])
+    return state["step"]
+
+
+def _freeze_untrained(model, cfg):
+    # Parameters no loss reaches are frozen, so AdamW's weight decay leaves them alone and DDP needs
+    # no find_unused_parameters. The text tower and logit scale/bias are never trained in stage 1
+    # (official main.py freezes text_model and logit_*): zero-shot reads the text embeddings of the
+    # original SigLIP. Without a semantic objective (Table 3(c)) only the pixel path trains.
+    s = model.siglip
+    for p in itertools.chain(s.text.parameters(), (s.logit_scale, s.logit_bias)):
+        p.requires_grad_(False)
+    if cfg.sem_weight == 0:
+        c = model.config
+        last = max(c.rec_layer, c.shortcut_layer if model.pix_short is not None else 0)
+        for m in (*s.vision.blocks[last:], s.vision.ln_post, s.vision.head, model.sem_pre, model.sem_post):
+            m.requires_grad_(False)
+
+
+@torch.no_grad()
+def _init_actnorm(disc, x, env):
+    # ActNorm (taming) initializes from the first batch it sees: make that real images, at a fixed
+    # step (so a resumed run does the same), and rank 0's on every rank
+    disc(x)
+    if env.ddp:
+        for t in itertools.chain(disc.parameters(), disc.buffers()):
+            dist.broadcast(t, 0)
+
+
+def _all_reduce_grads(module, world):
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+# --- the stages
+
+
+def train_tokenizer(cfg, env):
+    log = tqdm.write if env.master else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed)  # identical initialization on every rank
+    siglip = SigLIP.from_pretrained(cfg.siglip)
+    teacher = copy.deepcopy(siglip).requires_grad_(False).eval().to(env.device)  # F_0 of eq. (4), frozen
+    mcfg = tokenizer_config(cfg, siglip.config)
+    if cfg.resume:
+        model = DualTokenizer.from_pretrained(cfg.out_dir)
+        if model.config != mcfg:
+            diff = [k for k in asdict(mcfg) if asdict(mcfg)[k] != asdict(model.config)[k]]
+            raise UsageError(f"--resume: the checkpoint in {cfg.out_dir} has another model config ({', '.join(diff)})")
+    else:
+        model = DualTokenizer.from_siglip(siglip, mcfg)
+    del siglip
+    _freeze_untrained(model, cfg)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    model.to(env.device).train()
+    disc = PatchGAN(norm=cfg.disc_norm).to(env.device).train()
+    lpips = LPIPS.from_file(cfg.lpips).to(env.device) if cfg.lpips else None
+    fused = env.device.type == "cuda"
+    opt = make_optimizer(model, cfg, fused)
+    dopt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)  # official: Adam, no decay
+    step = load_train_state(cfg, env, disc, opt, dopt) if cfg.resume else 0
+    if not cfg.resume:
+        torch.manual_seed(cfg.seed + env.rank)
+    c = model.config
+    log(f"tokenizer {cfg.model}: {c.siglip.layers}-layer SigLIP from {cfg.siglip}, taps shortcut "
+        f"{c.shortcut_layer}×{c.shortcut_weight} / reconstruction {c.rec_layer} / semantic {c.sem_layer}, "
+        f"codes {c.siglip.grid}×{c.siglip.grid}×{c.depth} of {c.codebook_size}; "
+        f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable; "
+        f"{env.world} process(es) on {env.device}" + (", bf16 autocast" if env.device.type == "cuda" else ""))
+    if lpips is None:
+        log("LPIPS off: no --lpips weights file (the loss and eval run without the perceptual term)")
+    if cfg.sem_weight == 0:
+        log("semantic weight 0: reconstruction only (Table 3(c)); layers after the pixel taps are frozen")
+
+    ds, batches = train_loader(cfg, env, c.siglip.image_size, c.siglip.resample, step * cfg.grad_accum)
+    evaluating = cfg.data == "shapes" or bool(cfg.eval_data)
+    if env.master and evaluating:
+        eval_set = eval_dataset(cfg, c.siglip.image_size, c.siglip.resample)
+        tasks = zero_shot_tasks(cfg, model.siglip, text_encoder(cfg, c.siglip.text_len), eval_set, env.device)
+
+    fwd = torch.compile(model) if cfg.compile else model  # compile before the DDP wrap (nanoGPT)
+    if env.ddp:
+        # The RVQ codebooks are buffers that move by EMA in forward; rvq.py all-reduces the cluster
+        # statistics and broadcasts restart vectors, so every rank computes the same update. DDP's
+        # per-forward buffer broadcast from rank 0 would only hide a divergence (and cost a codebook
+        # copy per step): it is turned off, and the buffers are synced once here instead (torch ≥ 2.13
+        # names the switch forward_sync_buffers; broadcast_buffers=False also skips the sync at init).
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+        sync_kw = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=ids, **sync_kw)
+        # The discriminator is not DDP-wrapped: it runs three times a step (fake for G, then real and
+        # fake for D, as taming does), more than DDP's one forward per backward allows. Its gradients
+        # are averaged by hand and its parameters start from rank 0's.
+        for t in itertools.chain(disc.parameters(), disc.buffers()):
+            dist.broadcast(t, 0)
+    if step >= cfg.max_steps:
+        log(f"nothing to do: the checkpoint in {cfg.out_dir} is at step {step}, --max_steps {cfg.max_steps}")
+        return
+    zero = torch.zeros((), device=env.device)
+    last_layer = model.decoder.conv_out.weight  # the adaptive weight's "last layer" (official train.py)
+    imgs_per_step = cfg.batch_size * cfg.grad_accum * env.world
+    pbar = tqdm(total=cfg.max_steps, initial=step, disable=not env.master, dynamic_ncols=True, mininterval=2)
+    t0, t_step = time.time(), step
+    while step < cfg.max_steps:
+        lr = lr_at(cfg, step)
+        for opt_ in (opt, dopt):
+            for g in opt_.param_groups:
+                g["lr"] = lr
+        gan = step >= cfg.disc_start and cfg.gan_weight > 0
+        for micro in range(cfg.grad_accum):
+            x = next(batches)["image"].to(env.device, non_blocking=True)  # (B, 3, S, S) in [-1, 1]
+            last = micro == cfg.grad_accum - 1
+            if gan and step == cfg.disc_start and micro == 0 and cfg.disc_norm == "act":
+                _init_actnorm(disc, x, env)
+            with (fwd.no_sync() if env.ddp and not last else nullcontext()), env.ctx:
+                out = fwd(x)
+                f0, p0 = model.teacher_targets(teacher, x)  # (B, N, D), (B, D)
+                recon = out.recon.float()
+                mse = F.mse_loss(recon, x)
+                lp = lpips(recon, x).mean() if lpips is not None else zero
+                sem = semantic_loss(out.sem.float(), f0.float())
+                pool = semantic_loss(out.pooled.float(), p0.float())
+                # eq. (2): λ2·L_sem + λ3·(L_c1 + L_c2) + λ1·L_recon with eq. (3) for L_recon. Without a
+                # semantic objective the semantic commitment goes too, else it alone would still pull
+                # on the ViT (Table 3(c) trains the pixel path only).
+                commit_sem = out.commit_sem if cfg.sem_weight > 0 else zero
+                loss = (cfg.sem_weight * (cfg.sem_layer_weight * sem + cfg.sem_pool_weight * pool)
+                        + cfg.commit_weight * (out.commit_pix + commit_sem)
+                        + cfg.mse_weight * mse + cfg.lpips_weight * lp)
+                g_loss = lam = d_loss = zero
+                if gan:
+                    disc.requires_grad_(False)  # G's loss must not reach D's gradients
+                    g_loss = generator_loss(disc(out.recon))
+                    disc.requires_grad_(True)
+                    # official: λ on the unweighted MSE + LPIPS, clamped to [0.3, 10]
+                    lam = adaptive_gan_weight(mse + cfg.lpips_weight * lp, g_loss, last_layer)
+                    loss = loss + cfg.gan_weight * lam * g_loss
+                (loss / cfg.grad_accum).backward()
+                if gan:  # hinge loss on real vs. the same reconstructions, detached (official order)
+                    d_loss = hinge_d_loss(disc(x), disc(out.recon.detach()))
+                    (d_loss / cfg.grad_accum).backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if gan:
+            if env.ddp:
+                _all_reduce_grads(disc, env.world)
+            dopt.step()
+            dopt.zero_grad(set_to_none=True)
+        step += 1
+        pbar.update(1)
+
+        if env.master and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            dt = time.time() - t0
+            cos = F.cosine_similarity(out.sem.float(), f0.float(), dim=-1).mean().item()
+            cos_p = F.cosine_similarity(out.pooled.float(), p0.float(), dim=-1).mean().item()
+            up, us = model.pix_rvq.usage(out.pix_codes), model.sem_rvq.usage(out.sem_codes)
+            line = (f"step {step} | loss {loss.item():.4f} | mse {mse.item():.4f} "
+                    f"lpips {lp.item() if lpips is not None else 'off'} | sem {sem.item():.4f} "
+                    f"pool {pool.item():.4f} cos {cos:.4f}/{cos_p:.4f} | commit {out.commit_pix.item():.4f}/"
+                    f"{out.commit_sem.item():.4f} | G {g_loss.item():.4f} λ {lam.item():.2f} D {d_loss.item():.4f} "
+                    f"| pix used {up['used']:.3f} ppl {up['perplexity']:.1f} rst {up['restarted']} "
+                    f"| sem used {us['used']:.3f} ppl {us['perplexity']:.1f} rst {us['restarted']} "
+                    f"| lr {lr:.2e} | {imgs_per_step * (step - t_step) / dt:.1f} img/s")
+            if cfg.data != "shapes":
+                line += " | data " + " ".join(f"{k}={v}" for k, v in ds.stats.items() if v)
+            log(line)
+            t0, t_step = time.time(), step
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            save_checkpoint(cfg, env, model, disc, opt, dopt, step)
+        if env.master and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            grid = os.path.join(cfg.out_dir, f"recon_step{step:07d}.png")
+            if evaluating:
+                res = evaluate(model, teacher, eval_set, tasks, env, cfg, lpips, grid=grid)
+                log(format_results(res, model, teacher, lpips, f"eval at step {step}"))
+            else:
+                with torch.no_grad():
+                    model.eval()
+                    save_grid(x, model(x).recon.float().clamp(-1, 1), grid)
+                    model.train()
+            log(f"reconstruction grid: {grid}")
+        if env.ddp and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            dist.barrier()  # the other ranks wait while rank 0 evaluates
+    pbar.close()
+
+
+def train_teacher(cfg, env):
+    """The shapes demo's semantic teacher: the `shapes` micro-SigLIP trained from scratch on the
+    benchmark's images and captions with the sigmoid loss, saved with SigLIP.save_pretrained so the
+    tokenizer stage loads it exactly as it loads a pretrained SigLIP at full scale."""
+    log = tqdm.write if env.master else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed)
+    scfg = TOKENIZER_PRESETS[cfg.model].siglip
+    model = SigLIP(scfg).to(env.device).train()
+    encode = text_encoder(replace(cfg, text_tokenizer="bytes"), scfg.text_len)
+    opt = make_optimizer(model, cfg, env.device.type == "cuda")
+    torch.manual_seed(cfg.seed + env.rank)
+    fwd = torch.compile(model) if cfg.compile else model
+    if env.ddp:
+        # Each rank computes the sigmoid loss over its own batch (its own negatives). SigLIP's
+        # chunked variant would also pass text embeddings between ranks; this small world needs no more.
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=ids)
+    _, batches = train_loader(cfg, env, scfg.image_size, scfg.resample, 0)
+    if env.master:
+        eval_set = eval_dataset(cfg, scfg.image_size, scfg.resample)
+    log(f"teacher: micro-SigLIP {scfg.layers}+{scfg.text_layers} layers, width {scfg.width}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; captions as bytes padded "
+        f"with <|endoftext|> to {scfg.text_len}; {env.world} process(es) on {env.device}")
+    imgs_per_step = cfg.batch_size * cfg.grad_accum * env.world
+    t0, t_step = time.time(), 0
+    for step in tqdm(range(1, cfg.max_steps + 1), disable=not env.master, dynamic_ncols=True, mininterval=2):
+        lr = lr_at(cfg, step - 1)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            x, ids_ = batch["image"].to(env.device), encode(batch["caption"]).to(env.device)
+            last = micro == cfg.grad_accum - 1
+            with (fwd.no_sync() if env.ddp and not last else nullcontext()), env.ctx:
+                _, loss = fwd(x, ids_)
+                (loss / cfg.grad_accum).backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if env.master and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            dt = time.time() - t0
+            log(f"step {step} | sigmoid loss {loss.item():.4f} | t {model.logit_scale.exp().item():.2f} "
+                f"b {model.logit_bias.item():.2f} | lr {lr:.2e} | {imgs_per_step * (step - t_step) / dt:.1f} img/s")
+            t0, t_step = time.time(), step
+        if env.master and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            acc = siglip_zero_shot(model, cfg, env, eval_set, encode)
+            log(f"step {step} | zero-shot on {len(eval_set)} images: " +
+                "  ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()))
+    if env.master:
+        model.save_pretrained(cfg.out_dir)
+        log(f"saved the teacher SigLIP to {cfg.out_dir}; next: python tokenizer.py --preset shapes "
+            f"--siglip {cfg.out_dir}")
+
+
+@torch.no_grad()
+def siglip_zero_shot(siglip, cfg, env, dataset, encode):
+    was_training = siglip.training
+    siglip.eval()
+    tasks = zero_shot_tasks(cfg, siglip, encode, dataset, env.device)
+    correct = dict.fromkeys(tasks, 0)
+    for batch in torch.utils.data.DataLoader(dataset, cfg.batch_size, generator=torch.Generator()):
+        with env.ctx:
+            img = F.normalize(siglip.encode_image(batch["image"].to(env.device)).float(), dim=-1)
+        for t, (classifier, labels) in tasks.items():
+            correct[t] += ((img @ classifier.t()).argmax(-1).cpu() == labels(batch)).sum().item()
+    siglip.train(was_training)
+    return {t: v / len(dataset) for t, v in correct.items()}
+
+
+def run_eval(cfg, env):
+    if not env.master:
+        return
+    model = DualTokenizer.from_pretrained(cfg.out_dir, device=env.device)
+    c = model.config
+    teacher = SigLIP.from_pretrained(cfg.siglip).to(env.device) if cfg.siglip else None
+    if teacher is not None and teacher.config != c.siglip:
+        raise UsageError(f"--siglip {cfg.siglip} is not the backbone of the tokenizer in {cfg.out_dir}")
+    lpips = LPIPS.from_file(cfg.lpips).to(env.device) if cfg.lpips else None
+    dataset = eval_dataset(cfg, c.siglip.image_size, c.siglip.resample)
+    tasks = zero_shot_tasks(cfg, model.siglip, text_encoder(cfg, c.siglip.text_len), dataset, env.device)
+    png_dir = os.path.join(cfg.out_dir, "eval")
+    for sub in ("real", "recon"):
+        os.makedirs(os.path.join(png_dir, sub), exist_ok=True)
+    grid = os.path.join(cfg.out_dir, "eval", "grid.png")
+    res = evaluate(model, teacher, dataset, tasks, env, cfg, lpips, png_dir=png_dir, grid=grid)
+    where = f"{cfg.eval_data or 'shapes (seed ' + str(cfg.seed + 1) + ')'}"
+    print(format_results(res, model, teacher, lpips, f"eval of {cfg.out_dir} on {where}"))
+    print(f"PNGs: {png_dir}/real and {png_dir}/recon ({res['n']} each), grid {grid}; rFID with clean-fid: "
+          f"python -c \"from cleanfid import fid; print(fid.compute_fid('{png_dir}/real', '{png_dir}/recon'))\"")
+    return res
+
+
+def main(argv=None):
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        check_inputs(cfg)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        env = setup(cfg)
+        try:
+            if cfg.stage == "teacher":
+                train_teacher(cfg, env)
+            elif cfg.eval or cfg.stage == "eval":
+                run_eval(cfg, env)
+            else:
+                train_tokenizer(cfg, env)
+        finally:
+            if env.ddp:
+                dist.destroy_process_group()
+    except UsageError as e:
+        print(f"tokenizer.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
