@@ -832,7 +832,7 @@ class TrainConfig:
     eval_every: int = 5000
     # --- system and logging
     device: str = "auto"         # "auto": cuda:LOCAL_RANK when CUDA is available, else cpu
-    dtype: str = "bfloat16"      # autocast dtype on CUDA ("float32" = off); CPU always runs fp32
+    dtype: str = "bfloat16"      # autocast dtype on CUDA, or "float32"; CPU always runs fp32
     compile: bool = False
     grad_checkpointing: bool = False  # activation checkpointing of the ViT blocks (so400m at batch 32)
     workers: int = 4             # DataLoader workers per process
@@ -844,17 +844,21 @@ class TrainConfig:
 TRAIN_PRESETS = {
     "so400m": TrainConfig(),
     "so400m-256": TrainConfig(model="so400m-256"),
-    # The CPU demo, a few minutes each on 2 cores. The teacher is a SigLIP trained from scratch with
-    # the sigmoid loss (Zhai et al. use β2 = 0.95 and a larger lr than a fine-tune); the tokenizer then
-    # starts from it. Captions use the bytes encoding; data is an endless stream of fresh samples.
+    # The CPU demo, a few minutes per stage on one or two cores. The teacher is the shapes micro-SigLIP
+    # trained from scratch with the sigmoid loss (β2 = 0.95 as in Zhai et al.); lr 1e-3 collapses its
+    # text tower onto one output within ten steps, 3e-4 does not. In 600 steps it learns the
+    # background (the attribute that fills the image); color takes ~1500 steps and shape longer: the
+    # contrastive loss first settles on the easiest feature and collapses the rest ("feature
+    # suppression"). The tokenizer then starts from it; captions use the bytes encoding, data is an
+    # endless stream of fresh samples.
     "shapes-teacher": TrainConfig(
-        stage="teacher", model="shapes", data="shapes", out_dir="out/shapes-teacher", lr=1e-3,
-        betas=(0.9, 0.95), weight_decay=1e-4, warmup=50, max_steps=400, batch_size=32,
-        text_tokenizer="bytes", eval_n=512, eval_every=200, workers=0, log_every=50, ckpt_every=400),
+        stage="teacher", model="shapes", data="shapes", out_dir="out/shapes-teacher", lr=3e-4,
+        betas=(0.9, 0.95), weight_decay=1e-4, warmup=50, max_steps=600, batch_size=32,
+        text_tokenizer="bytes", eval_n=512, eval_every=300, workers=0, log_every=100, ckpt_every=300),
     "shapes": TrainConfig(
         model="shapes", data="shapes", siglip="out/shapes-teacher", out_dir="out/shapes-tokenizer",
-        lr=3e-4, warmup=50, max_steps=500, disc_start=300, batch_size=16, text_tokenizer="bytes",
-        eval_n=512, eval_every=250, workers=0, log_every=50, ckpt_every=250),
+        lr=3e-4, warmup=50, max_steps=400, disc_start=250, batch_size=16, text_tokenizer="bytes",
+        eval_n=512, eval_every=200, workers=0, log_every=50, ckpt_every=200),
 }
 
 TRAIN_STATE_FORMAT = "dualtoken-train-state/1"  # train_state.pt, checked on --resume
@@ -945,7 +949,7 @@ def check_config(cfg):
     """Checks the values and resolves the ablation into the switches it stands for."""
     for name, value, allowed in (("stage", cfg.stage, STAGES), ("ablation", cfg.ablation, ABLATIONS),
                                  ("model", cfg.model, tuple(TOKENIZER_PRESETS)),
-                                 ("dtype", cfg.dtype, ("bfloat16", "float16", "float32")),
+                                 ("dtype", cfg.dtype, ("bfloat16", "float32")),  # fp16 would need a GradScaler
                                  ("disc_norm", cfg.disc_norm, ("batch", "act"))):
         if value not in allowed:
             raise UsageError(f"--{name} {value!r}: choose from {', '.join(map(repr, allowed))}")
@@ -995,6 +999,8 @@ def check_inputs(cfg):
                              "at full scale pass a pretrained SigLIP directory with --siglip")
         if cfg.resume:
             raise UsageError("--resume applies to the tokenizer stage; the teacher stage takes minutes, rerun it")
+        if cfg.batch_size < 2:
+            raise UsageError("--stage teacher needs --batch_size ≥ 2: the sigmoid loss needs negatives")
         return
     if cfg.siglip and not _is_siglip_dir(cfg.siglip):
         hint = " (make it first: python tokenizer.py --preset shapes-teacher)" if cfg.data == "shapes" else ""
@@ -1141,15 +1147,14 @@ def text_classifier(siglip, encode, prompts, device):
 
 
 def zero_shot_tasks(cfg, siglip, encode, dataset, device):
-    """-> {task: (classifier (classes, D), labels(batch) -> (B,) long)}. On shapes: shape and color;
-    on a class-folder set: its classes with cfg.prompt. SigLIP's logits are an increasing function of
+    """-> {task: (classifier (classes, D), labels(batch) -> (B,) long)}. On shapes: every attribute
+    (shape, color, size, where, background); on a class-folder set: its classes with cfg.prompt. SigLIP's logits are an increasing function of
     the cosine (scale > 0), so top-1 over cosines is top-1 over logits."""
     if isinstance(dataset, ShapesDataset):
         def labels(attr):
             return lambda b: torch.tensor([SHAPES_ATTRS[attr].index(parse_shapes_caption(c)[attr])
                                            for c in b["caption"]])
-        return {a: (text_classifier(siglip, encode, shapes_prompts(a), device), labels(a))
-                for a in ("shape", "color")}
+        return {a: (text_classifier(siglip, encode, shapes_prompts(a), device), labels(a)) for a in SHAPES_ATTRS}
     names = dataset.dataset.class_names if isinstance(dataset, torch.utils.data.Subset) else dataset.class_names
     prompts = [[cfg.prompt.format(n)] for n in names]
     return {"top-1": (text_classifier(siglip, encode, prompts, device), lambda b: b["label"])}
@@ -1241,7 +1246,7 @@ def format_results(res, model, teacher, lpips, title):
         if key.endswith("/tokenizer"):
             task = key.split("/")[0]
             ref = f"   teacher {100 * res[f'{task}/teacher']:.1f}%" if teacher is not None else ""
-            lines.append(f"zero-shot {task:<7} tokenizer {100 * res[key]:.1f}%{ref}")
+            lines.append(f"zero-shot {task:<10} tokenizer {100 * res[key]:.1f}%{ref}")
     return "\n".join(lines)
 
 
@@ -1373,6 +1378,9 @@ def train_tokenizer(cfg, env):
     opt = make_optimizer(model, cfg, fused)
     dopt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)  # official: Adam, no decay
     step = load_train_state(cfg, env, disc, opt, dopt) if cfg.resume else 0
+    if step >= cfg.max_steps:
+        log(f"nothing to do: the checkpoint in {cfg.out_dir} is at step {step}, --max_steps {cfg.max_steps}")
+        return
     if not cfg.resume:
         torch.manual_seed(cfg.seed + env.rank)
     c = model.config
@@ -1411,9 +1419,6 @@ def train_tokenizer(cfg, env):
         # are averaged by hand and its parameters start from rank 0's.
         for t in itertools.chain(disc.parameters(), disc.buffers()):
             dist.broadcast(t, 0)
-    if step >= cfg.max_steps:
-        log(f"nothing to do: the checkpoint in {cfg.out_dir} is at step {step}, --max_steps {cfg.max_steps}")
-        return
     zero = torch.zeros((), device=env.device)
     last_layer = model.decoder.conv_out.weight  # the adaptive weight's "last layer" (official train.py)
     imgs_per_step = cfg.batch_size * cfg.grad_accum * env.world
@@ -1485,6 +1490,7 @@ def train_tokenizer(cfg, env):
                 line += " | data " + " ".join(f"{k}={v}" for k, v in ds.stats.items() if v)
             log(line)
             t0, t_step = time.time(), step
+        t_aside = time.time()  # checkpoints and evaluations are left out of img/s
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             save_checkpoint(cfg, env, model, disc, opt, dopt, step)
         if env.master and (step % cfg.eval_every == 0 or step == cfg.max_steps):
@@ -1500,6 +1506,7 @@ def train_tokenizer(cfg, env):
             log(f"reconstruction grid: {grid}")
         if env.ddp and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             dist.barrier()  # the other ranks wait while rank 0 evaluates
+        t0 += time.time() - t_aside
     pbar.close()
 
 
@@ -1511,6 +1518,13 @@ def train_teacher(cfg, env):
     torch.manual_seed(cfg.seed)
     scfg = TOKENIZER_PRESETS[cfg.model].siglip
     model = SigLIP(scfg).to(env.device).train()
+    # SigLIP starts the bias at b = −10 so that training starts near the prior (Zhai et al. 2023):
+    # at their 32k batch a pair is positive with odds 1 : 32767, log ≈ −10.4. Each rank here scores
+    # its own batch of B, odds 1 : (B − 1). Starting from −10 the cheapest first move is to collapse
+    # every embedding onto one direction until the logits reach that prior, which the micro model
+    # then spends hundreds of steps undoing; so start at the prior of our batch instead.
+    with torch.no_grad():
+        model.logit_bias.fill_(-math.log(cfg.batch_size - 1))
     encode = text_encoder(replace(cfg, text_tokenizer="bytes"), scfg.text_len)
     opt = make_optimizer(model, cfg, env.device.type == "cuda")
     torch.manual_seed(cfg.seed + env.rank)
@@ -1549,13 +1563,14 @@ def train_teacher(cfg, env):
                 f"b {model.logit_bias.item():.2f} | lr {lr:.2e} | {imgs_per_step * (step - t_step) / dt:.1f} img/s")
             t0, t_step = time.time(), step
         if env.master and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            t_aside = time.time()
             acc = siglip_zero_shot(model, cfg, env, eval_set, encode)
             log(f"step {step} | zero-shot on {len(eval_set)} images: " +
                 "  ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()))
-    if env.master:
-        model.save_pretrained(cfg.out_dir)
-        log(f"saved the teacher SigLIP to {cfg.out_dir}; next: python tokenizer.py --preset shapes "
-            f"--siglip {cfg.out_dir}")
+            t0 += time.time() - t_aside
+        if env.master and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+            model.save_pretrained(cfg.out_dir)
+    log(f"saved the teacher SigLIP to {cfg.out_dir}; next: python tokenizer.py --preset shapes --siglip {cfg.out_dir}")
 
 
 @torch.no_grad()
@@ -1585,8 +1600,11 @@ def run_eval(cfg, env):
     dataset = eval_dataset(cfg, c.siglip.image_size, c.siglip.resample)
     tasks = zero_shot_tasks(cfg, model.siglip, text_encoder(cfg, c.siglip.text_len), dataset, env.device)
     png_dir = os.path.join(cfg.out_dir, "eval")
-    for sub in ("real", "recon"):
+    for sub in ("real", "recon"):  # a previous, larger evaluation must not leave images behind for FID
         os.makedirs(os.path.join(png_dir, sub), exist_ok=True)
+        for f in os.listdir(os.path.join(png_dir, sub)):
+            if f.endswith(".png"):
+                os.remove(os.path.join(png_dir, sub, f))
     grid = os.path.join(cfg.out_dir, "eval", "grid.png")
     res = evaluate(model, teacher, dataset, tasks, env, cfg, lpips, png_dir=png_dir, grid=grid)
     where = f"{cfg.eval_data or 'shapes (seed ' + str(cfg.seed + 1) + ')'}"
