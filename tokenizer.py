@@ -28,6 +28,7 @@ import os
 import sys
 import time
 import typing
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import NamedTuple, Optional
@@ -857,8 +858,8 @@ TRAIN_PRESETS = {
         text_tokenizer="bytes", eval_n=512, eval_every=300, workers=0, log_every=100, ckpt_every=300),
     "shapes": TrainConfig(
         model="shapes", data="shapes", siglip="out/shapes-teacher", out_dir="out/shapes-tokenizer",
-        lr=3e-4, warmup=50, max_steps=400, disc_start=250, batch_size=16, text_tokenizer="bytes",
-        eval_n=512, eval_every=200, workers=0, log_every=50, ckpt_every=200),
+        lr=3e-4, warmup=50, max_steps=300, disc_start=200, batch_size=16, text_tokenizer="bytes",
+        eval_n=512, eval_every=150, workers=0, log_every=50, ckpt_every=150),
 }
 
 TRAIN_STATE_FORMAT = "dualtoken-train-state/1"  # train_state.pt, checked on --resume
@@ -958,6 +959,8 @@ def check_config(cfg):
             raise UsageError(f"--{name} must be at least 1")
     if len(cfg.betas) != 2:
         raise UsageError(f"--betas takes two numbers, got {cfg.betas}")
+    if cfg.eval and cfg.stage == "teacher":  # would otherwise retrain and overwrite the teacher
+        raise UsageError("--eval evaluates a tokenizer checkpoint; the teacher stage reports its own zero-shot")
     if cfg.ablation == "joint":
         # Table 3(b): reconstruction read from the semantic layer itself, no shallow shortcut
         sem = cfg.sem_layer if cfg.sem_layer is not None else TOKENIZER_PRESETS[cfg.model].sem_layer
@@ -1417,8 +1420,12 @@ def train_tokenizer(cfg, env):
         # The discriminator is not DDP-wrapped: it runs three times a step (fake for G, then real and
         # fake for D, as taming does), more than DDP's one forward per backward allows. Its gradients
         # are averaged by hand and its parameters start from rank 0's.
-        for t in itertools.chain(disc.parameters(), disc.buffers()):
-            dist.broadcast(t, 0)
+        with torch.no_grad():  # an in-place copy into leaf parameters, not part of any graph
+            for t in itertools.chain(disc.parameters(), disc.buffers()):
+                dist.broadcast(t, 0)
+        # 1×1 conv weight gradients come back from CPU kernels with other (equivalent) strides on
+        # their size-1 dims; DDP copies them into its buckets and warns once per process.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     zero = torch.zeros((), device=env.device)
     last_layer = model.decoder.conv_out.weight  # the adaptive weight's "last layer" (official train.py)
     imgs_per_step = cfg.batch_size * cfg.grad_accum * env.world
@@ -1474,7 +1481,7 @@ def train_tokenizer(cfg, env):
         step += 1
         pbar.update(1)
 
-        if env.master and (step % cfg.log_every == 0 or step == cfg.max_steps):
+        if env.master and (step % cfg.log_every == 0 or step in (1, cfg.max_steps)):
             dt = time.time() - t0
             cos = F.cosine_similarity(out.sem.float(), f0.float(), dim=-1).mean().item()
             cos_p = F.cosine_similarity(out.pooled.float(), p0.float(), dim=-1).mean().item()
@@ -1557,7 +1564,7 @@ def train_teacher(cfg, env):
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if env.master and (step % cfg.log_every == 0 or step == cfg.max_steps):
+        if env.master and (step % cfg.log_every == 0 or step in (1, cfg.max_steps)):
             dt = time.time() - t0
             log(f"step {step} | sigmoid loss {loss.item():.4f} | t {model.logit_scale.exp().item():.2f} "
                 f"b {model.logit_bias.item():.2f} | lr {lr:.2e} | {imgs_per_step * (step - t_step) / dt:.1f} img/s")

@@ -79,6 +79,7 @@ def test_flags_mirror_train_config():
     (["--preset", "Shapes"], "unknown preset 'Shapes'"),  # exact names only
     (["--stage", "train"], "--stage 'train': choose from"),
     (["--max_steps", "0"], "--max_steps must be at least 1"),
+    (["--preset", "shapes-teacher", "--eval"], "--eval evaluates a tokenizer checkpoint"),
     (["--ablation", "joint", "--rec_layer", "6"], "drop --rec_layer"),
     (["--ablation", "recon_only", "--sem_weight", "0.5"], "drop --sem_weight"),
 ])
