@@ -161,6 +161,44 @@ def shapes_sample(index, seed=0, split="train"):
                 qa=shapes_qa(attrs), offset=offset)
 
 
+# every attribute of the benchmark and its values, in caption order of importance for the tables
+SHAPES_ATTRS = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES), "where": WHERES,
+                "background": tuple(BACKGROUNDS)}
+
+
+def shapes_group_sample(index, seed=0, group=8, split="train"):
+    """A sample of a hard-negative group, for contrastive pretraining of the micro-SigLIP teacher.
+
+    Samples come in groups of `group` consecutive indices. Member 0 is shapes_sample's draw for the
+    group; member m > 0 changes exactly one attribute of member 0 (attribute m − 1 mod 5, to another
+    value; the combination stays in `split`), with its own jitter. With independent samples two
+    captions in a batch almost always differ in several attributes, so the sigmoid loss is satisfied
+    by the most salient one (background, then color) and learns shape and position last, if at all
+    ("feature suppression"); a group puts, next to each image, a negative that differs in one attribute
+    only, so every attribute pays from the first step. -> the same dict as shapes_sample.
+    """
+    g, m = divmod(index, group)
+    base = shapes_sample(g, seed, split)
+    if m == 0:
+        return base
+    attrs = dict(base["attrs"])
+    turn, a = divmod(m - 1, len(SHAPES_ATTRS))
+    name = tuple(SHAPES_ATTRS)[a]
+    allowed = set(SHAPES_SPLITS[split])
+
+    def combo(a):
+        return a["color"], a["shape"], a["where"]
+    options = [v for v in SHAPES_ATTRS[name] if v != attrs[name] and combo({**attrs, name: v}) in allowed]
+    if options:  # (a combination whose every alternative is held out keeps member 0's attributes)
+        # the group's members that change the same attribute take different values while there are any
+        start = random.Random(f"shapes-group:{split}:{seed}:{g}:{name}").randrange(len(options))
+        attrs[name] = options[(start + turn) % len(options)]
+    rng = random.Random(f"shapes-group:{split}:{seed}:{index}")
+    offset = (rng.randint(-SHAPES_JITTER, SHAPES_JITTER), rng.randint(-SHAPES_JITTER, SHAPES_JITTER))
+    return dict(image=render_shapes(attrs, offset), caption=shapes_caption(attrs), attrs=attrs,
+                qa=shapes_qa(attrs), offset=offset)
+
+
 def _nearest(palette, rgb):
     return min(palette, key=lambda k: sum((a - b) ** 2 for a, b in zip(palette[k], rgb)))
 
@@ -245,8 +283,9 @@ class ShapesDataset(torch.utils.data.Dataset):
     question cycles through the six types with the index, so every type is equally frequent.
     """
 
-    def __init__(self, n, seed=0, split="train"):
-        self.n, self.seed, self.split = n, seed, split
+    def __init__(self, n, seed=0, split="train", group=0):
+        # group > 1: hard-negative groups of that many samples (shapes_group_sample), for the teacher
+        self.n, self.seed, self.split, self.group = n, seed, split, group
 
     def __len__(self):
         return self.n
@@ -254,7 +293,10 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if not 0 <= i < self.n:
             raise IndexError(i)
-        s = shapes_sample(i, self.seed, self.split)
+        if self.group > 1:
+            s = shapes_group_sample(i, self.seed, self.group, self.split)
+        else:
+            s = shapes_sample(i, self.seed, self.split)
         question, answer = s["qa"][i % len(QUESTIONS)]
         return dict(image=to_tensor(s["image"]), caption=s["caption"], question=question,
                     answer=answer, index=i)

@@ -101,8 +101,8 @@ def generate_codes(model, enc, captions, cfg=3.0, temperature=1.0, top_k=None, t
             if p == P - 1:
                 break  # the last position's state would only predict <|vision_end|>
             rep = 2 if cfg is not None else 1
-            v = model.projector(model.visual_features(pc.repeat(rep, 1),
-                                                      None if sc is None else sc.repeat(rep, 1)))
+            v = model.visual_embed(pc.repeat(rep, 1), None if sc is None else sc.repeat(rep, 1),
+                                   torch.full((R,), p, device=ids.device))
             h = llm.hidden(input_embeds=v[:, None].to(h.dtype),
                            input_pos=torch.tensor([T + p], device=ids.device), key_mask=cache_mask)[:, -1]
     finally:

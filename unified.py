@@ -51,8 +51,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, ShapesDataset, WebDataset, encode_chat,
-                  load_text_tokenizer)
+from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, WebDataset, encode_chat, load_text_tokenizer,
+                  shapes_sample, to_tensor)
 from tokenizer import DualTokenizer
 
 
@@ -567,6 +567,11 @@ class UnifiedConfig:
     # pixel codes only must read pixel codes only, or it could not feed its own samples back.
     visual_input: str = "dual"
     gen_codes: str = "dual"
+    # A learned embedding of the grid position added to each visual input (off in the paper's
+    # setting). With 1D RoPE alone a model knows where in the image it is only by counting the
+    # visual positions before it — a pretrained 3B LLM learns to, a small LLM trained from scratch in
+    # minutes (the shapes demo) does not; with it, the hidden state at visual position i knows i.
+    grid_pos_embed: bool = False
     # eq. (6)-(8) weigh text and every depth of both heads alike
     text_weight: float = 1.0
     pix_weight: float = 1.0
@@ -612,7 +617,8 @@ UNIFIED_PRESETS = {
     # tokenizer.py's "shapes" preset (8×8 positions × 4 depths from 1024 entries of 32-d vectors);
     # depth heads half the LLM width, which is plenty for 4 slots over 1024 entries.
     "shapes": dict(llm=Qwen2Config.preset("shapes"), codebook_size=1024, rvq_depth=4, grid=8,
-                   depth_dim=128, depth_heads=4, text_tokenizer="bytes", special_tokens=_special_ids(256)),
+                   depth_dim=128, depth_heads=4, grid_pos_embed=True, text_tokenizer="bytes",
+                   special_tokens=_special_ids(256)),
 }
 
 UNIFIED_FORMAT = "dualtoken-unified/1"  # written to config.json, checked on load
@@ -699,6 +705,7 @@ class UnifiedModel(nn.Module):
         self.register_buffer("sem_codebook", torch.randn(c.codebook_size, c.code_dim))
         in_dim = c.code_dim * (2 if c.visual_input == "dual" else 1)
         self.projector = nn.Sequential(nn.Linear(in_dim, c.llm.dim), nn.GELU(), nn.Linear(c.llm.dim, c.llm.dim))
+        self.grid_pos = nn.Parameter(0.02 * torch.randn(c.grid ** 2, c.llm.dim)) if c.grid_pos_embed else None
         self.pix_head = DepthHead(c)
         self.sem_head = DepthHead(c) if c.gen_codes == "dual" else None
         for module in (self.projector, self.pix_head, self.sem_head):
@@ -741,16 +748,30 @@ class UnifiedModel(nn.Module):
             parts.append(self.sem_codebook[sem_codes].sum(-2))  # (P, C)
         return torch.cat(parts, dim=-1)
 
+    def visual_embed(self, pix_codes=None, sem_codes=None, positions=None):
+        """codes (P, D) each, positions (P,) in [0, grid²) -> the LLM inputs of P visual positions
+        (P, llm dim): the projector of their features, plus the grid-position embedding if any."""
+        v = self.projector(self.visual_features(pix_codes, sem_codes))
+        if self.grid_pos is not None:
+            v = v + self.grid_pos[positions]
+        return v
+
     def embed(self, ids, pix_codes=None, sem_codes=None):
         """ids (B, T) with one <|image_pad|> per visual position; codes (P, D) for the P pads in
         row-major order of ids -> input embeddings (B, T, llm dim)."""
         x = self.llm.tok_embeddings(ids)  # (B, T, dim)
         if pix_codes is None and sem_codes is None:
             return x
-        v = self.projector(self.visual_features(pix_codes, sem_codes)).to(x.dtype)  # (P, dim)
         is_pad = ids == self.image_pad_id
-        if not torch.compiler.is_compiling() and int(is_pad.sum()) != v.shape[0]:
-            raise ValueError(f"{int(is_pad.sum())} <|image_pad|> positions but codes for {v.shape[0]}")
+        # a pad's grid position = the pads since the last <|vision_start|> before it (row-major; a
+        # prefix of an image, as while sampling, holds its first positions)
+        n_pad = is_pad.cumsum(1)  # (B, T)
+        start = torch.where(ids == self.config.special_tokens["<|vision_start|>"], n_pad, 0).cummax(1).values
+        positions = (n_pad - start - 1)[is_pad]  # (P,)
+        P = (pix_codes if pix_codes is not None else sem_codes).shape[0]
+        if not torch.compiler.is_compiling() and int(is_pad.sum()) != P:
+            raise ValueError(f"{int(is_pad.sum())} <|image_pad|> positions but codes for {P}")
+        v = self.visual_embed(pix_codes, sem_codes, positions).to(x.dtype)  # (P, dim)
         return x.masked_scatter(is_pad[..., None], v)
 
     # --- forward
@@ -814,12 +835,13 @@ class UnifiedModel(nn.Module):
 
     # --- checkpoints
 
-    def save_pretrained(self, path, tokenizer=None, state_dict=None):
+    def save_pretrained(self, path, tokenizer=None, state_dict=None, dtype=None):
         """Write the directory sample.py loads: config.json (UnifiedConfig with the LLM config and the
         special-token ids), model.safetensors (LLM, projector, heads, frozen codebooks), the text
         tokenizer (a copy of HF files in text_tokenizer/, or "bytes" in config.json) and, given the
         DualTokenizer the codes came from, tokenizer/. state_dict: a full state dict to write
-        instead of this module's (FSDP gathers one)."""
+        instead of this module's (FSDP gathers one). dtype: store floating tensors in it (bfloat16
+        halves a shipped checkpoint; from_pretrained loads fp32 either way)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         cfg = asdict(self.config)
@@ -838,10 +860,10 @@ class UnifiedModel(nn.Module):
             cfg["text_tokenizer"] = "text_tokenizer"  # relative to the checkpoint directory
         (path / "config.json").write_text(json.dumps({"format": UNIFIED_FORMAT, **cfg}, indent=2) + "\n")
         sd = self.state_dict() if state_dict is None else state_dict
-        tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+        tensors = {k: _stored(v, dtype) for k, v in sd.items()}
         save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(path / "tokenizer"))
+            tokenizer.save_pretrained(str(path / "tokenizer"), dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, path, device="cpu"):
@@ -858,7 +880,9 @@ class UnifiedModel(nn.Module):
         config = UnifiedConfig(**d)
         with torch.device("meta"):  # no random init of weights that are about to be replaced
             model = cls(config)
-        sd = load_file(path / "model.safetensors", device=str(device))
+        # fp32 whatever the file holds (a bf16 checkpoint too): CPU sampling runs fp32, CUDA autocasts
+        sd = {k: v.float() if v.is_floating_point() else v
+              for k, v in load_file(path / "model.safetensors", device=str(device)).items()}
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
         if missing or unexpected:
@@ -870,6 +894,11 @@ class UnifiedModel(nn.Module):
             raise ValueError(f"{path / 'model.safetensors'}: shape mismatch: " + "; ".join(bad[:5]))
         model.load_state_dict(sd, strict=True, assign=True)
         return model.eval()
+
+
+def _stored(v, dtype):
+    v = v.detach().cpu()
+    return (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
 
 
 # the files of an HF tokenizer directory that load_text_tokenizer reads (copied into checkpoints)
@@ -910,10 +939,14 @@ def generation_messages(caption):
     return [{"role": "user", "content": caption}, {"role": "assistant", "content": IMAGE_PLACEHOLDER}]
 
 
-def understanding_messages(question, answer):
-    # image → text: the image and the question in the user turn, loss on the answer only
-    return [{"role": "user", "content": IMAGE_PLACEHOLDER + "\n" + question},
-            {"role": "assistant", "content": answer}]
+def understanding_messages(question, answer, *more):
+    """image → text: the image and the question in the user turn, loss on the answer only. More
+    (question, answer) pairs continue the conversation about the same image, LLaVA-style."""
+    messages = [{"role": "user", "content": IMAGE_PLACEHOLDER + "\n" + question},
+                {"role": "assistant", "content": answer}]
+    for q, a in more:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return messages
 
 
 def sequence_targets(ids, mask, special):
@@ -966,16 +999,22 @@ def collate(samples, pad_id):
 
 class ShapesSource:
     # the embedded benchmark, drawn at random (with replacement) from its first n training images;
-    # the state is the generator's, so a resumed run draws exactly what the straight run would have
-    def __init__(self, n, generator):
-        self.ds, self.gen = ShapesDataset(n), generator
+    # the state is the generator's, so a resumed run draws exactly what the straight run would have.
+    # qa_turns > 1: each understanding conversation asks that many of the six question types about
+    # its image, in random order (one image read, several answers learned from it)
+    def __init__(self, n, generator, qa_turns=1):
+        self.n, self.gen, self.qa_turns = n, generator, qa_turns
 
     def take(self, k):
         out = []
-        for i in torch.randint(len(self.ds), (k,), generator=self.gen).tolist():
-            s = self.ds[i]
-            out.append(dict(image=s["image"], caption=s["caption"],
-                            conversation=understanding_messages(s["question"], s["answer"])))
+        for i in torch.randint(self.n, (k,), generator=self.gen).tolist():
+            s = shapes_sample(i)
+            if self.qa_turns > 1:
+                qa = [s["qa"][j] for j in torch.randperm(len(s["qa"]), generator=self.gen)[: self.qa_turns]]
+            else:
+                qa = [s["qa"][i % len(s["qa"])]]  # ShapesDataset's cycle through the types
+            out.append(dict(image=to_tensor(s["image"]), caption=s["caption"],
+                            conversation=understanding_messages(*qa[0], *qa[1:])))
         return out
 
     def state_dict(self):
@@ -1154,6 +1193,7 @@ class TrainConfig:
     shard_size: int = 4096           # extract-codes: images per shard
     gen_ratio: float = 0.5           # share of generation samples (caption → image); the rest understanding
     caption_drop: float = 0.1        # generation samples with an empty caption: the unconditional model of CFG
+    qa_turns: int = 1                # shapes: questions per understanding conversation (1..6)
     num_workers: int = 4             # webdataset decoding workers
     # optimization
     batch_size: int = 8              # sequences per micro-batch and rank
@@ -1183,9 +1223,9 @@ class TrainConfig:
 TRAIN_PRESETS = {
     # The CPU demo on the shapes benchmark (the tokenizer is stage 1's shapes tokenizer). A few
     # minutes on a laptop CPU; see README for the expected losses.
-    "shapes": dict(model="shapes", data="shapes", n_images=100_000, batch_size=16, max_steps=300,
-                   lr=2e-3, min_lr=2e-4, warmup_steps=30, num_workers=0, out_dir="out/unified-shapes",
-                   log_every=25, ckpt_every=1000),
+    "shapes": dict(model="shapes", data="shapes", n_images=100_000, batch_size=16, max_steps=1000,
+                   qa_turns=3, lr=2e-3, min_lr=2e-4, warmup_steps=30, num_workers=0,
+                   out_dir="out/unified-shapes", log_every=50, ckpt_every=200),
 }
 
 # UnifiedConfig fields settable from the command line. The code shape comes from the tokenizer,
@@ -1248,7 +1288,10 @@ def resolve_train_config(given):
                 raise ValueError(f"unknown preset {preset!r}; known: {', '.join(TRAIN_PRESETS)}")
             base.update(TRAIN_PRESETS[preset])
     base.update(given)
-    return TrainConfig(**base)
+    tc = TrainConfig(**base)
+    if not 1 <= tc.qa_turns <= len(QUESTIONS):
+        raise ValueError(f"--qa_turns {tc.qa_turns}: between 1 and {len(QUESTIONS)} (the question types)")
+    return tc
 
 
 def build_config(tc, model_kw, tokenizer):
@@ -1348,6 +1391,8 @@ def _train(tc, model_kw, rank, world, device):
         for m in keep:
             if m is not None:
                 m.requires_grad_(True)
+        if tc.freeze == "llm" and model.grid_pos is not None:
+            model.grid_pos.requires_grad_(True)  # an input embedding of the visual positions, like the projector
     model.llm.grad_checkpointing = tc.grad_checkpointing
     raw = model  # saved from here: unwrapped and uncompiled
     if tc.fsdp:
@@ -1374,7 +1419,7 @@ def _train(tc, model_kw, rank, world, device):
     if tc.codes:
         source = CodeShards(tc.codes, tokenizer_fingerprint(tokenizer), tc.seed, rank, world)
     elif tc.data == "shapes":
-        source = ShapesSource(tc.n_images, gen)
+        source = ShapesSource(tc.n_images, gen, tc.qa_turns)
     else:
         s = tokenizer.config.siglip
         source = WebSource(tc.data, s.image_size, s.resample, tc.seed, tc.num_workers)
@@ -1518,8 +1563,28 @@ def extract_codes(tc):
     print(f"extract-codes: {n} images -> {n_shards} shards in {out} (tokenizer {meta['tokenizer']})")
 
 
+def export(argv):
+    """python unified.py export SRC DST [--dtype bfloat16]: copy a checkpoint directory (a training
+    run's out_dir) to what sample.py loads — model, tokenizer, text tokenizer; no optimizer state —
+    with floating tensors stored in --dtype. The shipped demo checkpoint is made this way."""
+    p = argparse.ArgumentParser(prog="unified.py export", description=export.__doc__)
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    a = p.parse_args(argv)
+    for f in ("config.json", "model.safetensors", "tokenizer/config.json"):
+        if not (Path(a.src) / f).is_file():
+            sys.exit(f"unified.py export: {a.src} has no {f} (not a checkpoint written by unified.py)")
+    model, _, tokenizer = load_pretrained(a.src)
+    model.save_pretrained(a.dst, tokenizer=tokenizer, dtype=getattr(torch, a.dtype))
+    size = sum(f.stat().st_size for f in Path(a.dst).rglob("*") if f.is_file())
+    print(f"wrote {a.dst} ({size / 2**20:.1f} MiB, {a.dtype})")
+
+
 def main(argv):
     command = "train"
+    if argv and argv[0] == "export":
+        return export(argv[1:])
     if argv and argv[0] == "extract-codes":
         command, argv = "extract-codes", argv[1:]
     given, model_kw = parse_args(argv)

@@ -2,6 +2,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,6 +141,26 @@ def test_cli_text_to_image_writes_pngs_and_grid(ckpt, tmp_path):
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (2 * 34 - 2, 2 * 34 - 2)  # 3 images → 2 × 2 cells
     assert "positions/s" in r.stdout
+
+
+def test_export_stores_bfloat16_and_loads_back_as_fp32(ckpt, tmp_path):
+    from unified import load_pretrained
+    path, model, tok, _ = ckpt
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "unified.py"), "export", path, str(tmp_path / "x")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    def size(d):
+        return sum(f.stat().st_size for f in Path(d).rglob("*.safetensors"))
+    assert size(tmp_path / "x") < 0.55 * size(path)
+    m2, _, tok2 = load_pretrained(tmp_path / "x")
+    for theirs, ours in ((m2.state_dict(), model.state_dict()), (tok2.state_dict(), tok.state_dict())):
+        for k, v in ours.items():
+            assert theirs[k].dtype == v.dtype
+            expect = v.to(torch.bfloat16).float() if v.is_floating_point() else v
+            assert torch.equal(theirs[k], expect), k
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "unified.py"), "export", str(tmp_path / "nope"),
+                        str(tmp_path / "y")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode != 0 and "no config.json" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_image_to_text(ckpt, tmp_path):

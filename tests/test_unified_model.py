@@ -175,6 +175,42 @@ def test_visual_embedding_is_the_projected_concat_of_the_code_sums(mode):
 # ----------------------------------------------------------------------------------------------
 # sequences, targets, loss masking
 
+def test_grid_position_embedding_is_added_at_each_pads_grid_position():
+    assert tiny_model().grid_pos is None  # the paper's setting: RoPE only
+    model = tiny_model(grid_pos_embed=True)
+    b = make_batch(("gen", "und", "gen"))  # three images of 16 positions
+    with torch.no_grad():
+        model.grid_pos.normal_()
+        x = model.embed(b["ids"], b["pix_codes"], b["sem_codes"])[b["ids"] == PAD]  # (48, dim)
+        base = model.projector(model.visual_features(b["pix_codes"], b["sem_codes"]))
+        torch.testing.assert_close(x, base + model.grid_pos.repeat(3, 1), atol=1e-6, rtol=0)
+        # the sampler's per-position path gives the same inputs
+        torch.testing.assert_close(
+            model.visual_embed(b["pix_codes"][:16], b["sem_codes"][:16], torch.arange(16)), x[:16])
+        with pytest.raises(ValueError, match="48 <.image_pad.> positions but codes for 47"):
+            model.embed(b["ids"], b["pix_codes"][:47], b["sem_codes"][:47])
+
+
+def test_shapes_conversations_ask_several_questions_about_one_image():
+    from data import QUESTIONS, parse_shapes_caption
+    src = U.ShapesSource(50, torch.Generator().manual_seed(0), qa_turns=3)
+    for r in src.take(20):
+        conv = r["conversation"]
+        assert [m["role"] for m in conv] == ["user", "assistant"] * 3
+        assert conv[0]["content"].startswith(U.IMAGE_PLACEHOLDER + "\n")
+        assert all(U.IMAGE_PLACEHOLDER not in m["content"] for m in conv[1:])
+        questions = [conv[0]["content"].split("\n", 1)[1]] + [m["content"] for m in conv[2::2]]
+        assert len(set(questions)) == 3 and set(questions) <= set(QUESTIONS.values())
+        attrs = parse_shapes_caption(r["caption"])
+        for q, a in zip(questions, [m["content"] for m in conv[1::2]]):
+            key = next(k for k, v in QUESTIONS.items() if v == q)
+            assert a == (r["caption"] if key == "caption" else attrs[key])
+    one = U.ShapesSource(50, torch.Generator().manual_seed(0)).take(6)
+    assert all(len(r["conversation"]) == 2 for r in one)
+    with pytest.raises(ValueError, match="qa_turns"):
+        U.resolve_train_config({"qa_turns": 7})
+
+
 def test_targets_known_answer_for_a_generation_and_an_understanding_sample():
     ids, mask = encode_chat(ENC, U.generation_messages("a red circle"), image_tokens=4)
     text, vis = U.sequence_targets(ids, mask, SPECIAL)
@@ -410,7 +446,8 @@ def test_freeze_options_train_only_their_parts(tmp_path, tokenizer_dir, freeze):
     torch.manual_seed(tc.seed)  # the trainer's initial weights
     init = U.UnifiedModel.from_tokenizer(U.build_config(tc, dict(TINY_MODEL_KW), tok), tok).state_dict()
     moved = {k.split(".")[0] for k in init if not torch.equal(init[k], trained[k])}
-    assert moved == ({"pix_head", "sem_head", "projector"} if freeze == "llm" else {"pix_head", "sem_head"})
+    # (the shapes preset's grid-position embedding is an input embedding of the image, like the projector)
+    assert moved == ({"pix_head", "sem_head", "projector", "grid_pos"} if freeze == "llm" else {"pix_head", "sem_head"})
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
