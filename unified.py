@@ -51,8 +51,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, WebDataset, encode_chat, load_text_tokenizer,
-                  shapes_sample, to_tensor)
+from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, ShapesDataset, WebDataset, encode_chat,
+                  load_text_tokenizer, shapes_sample, to_tensor)
 from tokenizer import DualTokenizer
 
 
