@@ -804,6 +804,7 @@ class TrainConfig:
     rec_layer: Optional[int] = None
     sem_layer: Optional[int] = None
     shortcut_weight: Optional[float] = None
+    codebook_size: Optional[int] = None  # entries per branch codebook (None: the model preset's)
     # --- loss, official train.py: sem_weight·[5·S(F, F_0) + 1·S(pool, pool_0)] + 5·(commit_pix + commit_sem)
     #     + 5·MSE(x̂, x) + 1·LPIPS(x̂, x) + 0.75·λ·G(x̂), S = MSE + (1 − cos) (losses.semantic_loss)
     sem_weight: float = 1.0      # 0 = reconstruction only, Table 3(c)
@@ -988,7 +989,7 @@ def check_config(cfg):
 def tokenizer_config(cfg, siglip_config):
     """The model preset around the checkpoint's backbone, with the ablation switches applied."""
     c = replace(TOKENIZER_PRESETS[cfg.model], siglip=siglip_config)
-    c = replace(c, **{k: getattr(cfg, k) for k in ("rec_layer", "sem_layer", "shortcut_weight")
+    c = replace(c, **{k: getattr(cfg, k) for k in ("rec_layer", "sem_layer", "shortcut_weight", "codebook_size")
                       if getattr(cfg, k) is not None})
     try:  # DualTokenizer checks the taps against the backbone; on meta that costs no memory
         with torch.device("meta"):
