@@ -106,6 +106,11 @@ def test_ablation_switches_mirror_table3():
     assert (c.rec_layer, c.sem_layer, c.shortcut_weight) == (4, 6, 0.3)
     with pytest.raises(T.UsageError, match="sem_layer = 9 outside"):
         T.tokenizer_config(T.parse_args(["--preset", "shapes", "--sem_layer", "9"]), s)
+    # the codebook size: the preset's unless given, and it reaches both RVQs
+    assert T.tokenizer_config(T.parse_args(["--preset", "shapes"]), s).codebook_size == 1024
+    c = T.tokenizer_config(T.parse_args(["--preset", "shapes", "--codebook_size", "256"]), s)
+    m = T.DualTokenizer(c)
+    assert m.pix_rvq.codebook.shape[-2] == m.sem_rvq.codebook.shape[-2] == 256
 
 
 def test_cli_errors_are_one_line(tmp_path):
