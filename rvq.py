@@ -69,6 +69,8 @@ class ResidualVQ(nn.Module):
     def __init__(self, dim, codebook_size, depth, decay=0.99, shared_codebook=True,
                  restart_unused=True, eps=1e-5, chunk_elems=2**24):
         super().__init__()
+        if min(dim, codebook_size, depth) < 1:
+            raise ValueError(f"ResidualVQ needs dim, codebook_size and depth ≥ 1, got {dim}, {codebook_size}, {depth}")
         self.dim, self.codebook_size, self.depth = dim, codebook_size, depth
         self.decay, self.eps, self.chunk_elems = decay, eps, chunk_elems
         self.shared_codebook, self.restart_unused = shared_codebook, restart_unused

@@ -111,6 +111,8 @@ def test_ablation_switches_mirror_table3():
     c = T.tokenizer_config(T.parse_args(["--preset", "shapes", "--codebook_size", "256"]), s)
     m = T.DualTokenizer(c)
     assert m.pix_rvq.codebook.shape[-2] == m.sem_rvq.codebook.shape[-2] == 256
+    with pytest.raises(T.UsageError, match="codebook_size and depth ≥ 1, got 32, 0, 4"):
+        T.tokenizer_config(T.parse_args(["--preset", "shapes", "--codebook_size", "0"]), s)
 
 
 def test_cli_errors_are_one_line(tmp_path):
