@@ -576,6 +576,10 @@ class UnifiedConfig:
     text_weight: float = 1.0
     pix_weight: float = 1.0
     sem_weight: float = 1.0
+    # weight of depths 2..D relative to depth 1 within each head (the paper: 1). The residual codes
+    # are fine detail that a caption does not determine; a small model trained from scratch learns
+    # to read the caption sooner when their noisy gradients do not dominate the LLM's (see README)
+    residual_weight: float = 1.0
     # "bytes" (the demo encoding) or a directory of HF tokenizer files; None until the trainer sets it
     # (from --llm DIR for Qwen2.5). save_pretrained copies HF files into the checkpoint.
     text_tokenizer: str | None = None
@@ -617,8 +621,8 @@ UNIFIED_PRESETS = {
     # tokenizer.py's "shapes" preset (8×8 positions × 4 depths from 1024 entries of 32-d vectors);
     # depth heads half the LLM width, which is plenty for 4 slots over 1024 entries.
     "shapes": dict(llm=Qwen2Config.preset("shapes"), codebook_size=1024, rvq_depth=4, grid=8,
-                   depth_dim=128, depth_heads=4, grid_pos_embed=True, text_tokenizer="bytes",
-                   special_tokens=_special_ids(256)),
+                   depth_dim=128, depth_heads=4, grid_pos_embed=True, residual_weight=0.1,
+                   text_tokenizer="bytes", special_tokens=_special_ids(256)),
 }
 
 UNIFIED_FORMAT = "dualtoken-unified/1"  # written to config.json, checked on load
@@ -671,6 +675,18 @@ class DepthHead(nn.Module):
             x = layer(x, cos, sin)  # causal over the slots
         x = self.norm(x)
         return torch.einsum("mdw,dkw->mdk", x, self.classifier[:n].to(x.dtype))  # (M, n, K)
+
+
+def total_loss(config, text, pix, sem=None):
+    """Eq. (6)-(8): text CE + Σ_d pixel CE_d + Σ_d semantic CE_d, with the config's weights (all 1 in
+    the paper). text: scalar; pix, sem: (D,) per-depth CEs (sem None without a semantic head)."""
+    c = config
+    w = torch.full_like(pix, c.residual_weight)
+    w[0] = 1.0  # (D,): depth 1, then the residual depths 2..D
+    loss = c.text_weight * text + c.pix_weight * (w * pix).sum()
+    if sem is not None:
+        loss = loss + c.sem_weight * (w * sem).sum()
+    return loss
 
 
 def _depth_ce(logits, codes):
@@ -796,13 +812,11 @@ class UnifiedModel(nn.Module):
         hv, rows = h[vsel], vis_targets[vsel]  # (M, dim), (M,)
         pix_t = pix_codes[rows]                 # (M, D)
         pix = _depth_ce(self.pix_head(hv, self.pix_codebook[pix_t]), pix_t)
-        loss = c.text_weight * text + c.pix_weight * pix.sum()
         sem = None
         if self.sem_head is not None:
             sem_t = sem_codes[rows]
             sem = _depth_ce(self.sem_head(hv, self.sem_codebook[sem_t]), sem_t)
-            loss = loss + c.sem_weight * sem.sum()
-        return logits, {"loss": loss, "text": text, "pix": pix, "sem": sem}
+        return logits, {"loss": total_loss(c, text, pix, sem), "text": text, "pix": pix, "sem": sem}
 
     @torch.no_grad()
     def sample_codes(self, h, guidance=None, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -1480,7 +1494,7 @@ def _train(tc, model_kw, rank, world, device):
                 acc = acc.cpu()
             n, m = acc[-3].clamp(min=1), acc[-2].clamp(min=1)
             text, pix, sem = (acc[0] / n).item(), acc[1:1 + D] / m, acc[1 + D:1 + 2 * D] / m
-            loss = config.text_weight * text + config.pix_weight * pix.sum().item() + config.sem_weight * sem.sum().item()
+            loss = total_loss(config, text, pix, sem if raw.sem_head is not None else None).item()
             rate = acc[-1].item() / (time.time() - t0)
             say(f"step {step}: loss {loss:.3f} | text {text:.3f} | pix " + " ".join(f"{x:.3f}" for x in pix)
                 + (" | sem " + " ".join(f"{x:.3f}" for x in sem) if raw.sem_head is not None else "")

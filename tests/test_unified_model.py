@@ -98,6 +98,7 @@ def test_defaults_are_the_paper_and_the_shapes_preset_matches_its_tokenizer_and_
     assert (c.code_dim, c.codebook_size, c.rvq_depth, c.grid) == (32, 16384, 8, 27)
     assert (c.depth_layers, c.depth_dim, c.depth_heads) == (3, 2048, 16)  # depth width = LLM width
     assert (c.visual_input, c.gen_codes, c.text_weight, c.pix_weight, c.sem_weight) == ("dual", "dual", 1, 1, 1)
+    assert c.residual_weight == 1  # eq. (6)-(8): every depth alike; the shapes demo lowers it
     assert c.special_tokens["<|image_pad|>"] == 151655 and c.special_tokens["<|vision_start|>"] == 151652
     s, t = U.UnifiedConfig.preset("shapes"), TOKENIZER_PRESETS["shapes"]
     assert (s.code_dim, s.codebook_size, s.rvq_depth, s.grid) == (t.code_dim, t.codebook_size, t.depth, t.siglip.grid)
@@ -274,6 +275,12 @@ def test_losses_read_exactly_the_target_positions():
     with torch.no_grad():
         weighted = run(model, b)[1]["loss"]
     torch.testing.assert_close(weighted, 2 * losses["text"] + 0.5 * losses["pix"].sum())
+    # residual depths 2..D scaled within each head, depth 1 kept
+    model.config = replace(model.config, text_weight=1.0, pix_weight=1.0, sem_weight=1.0, residual_weight=0.25)
+    with torch.no_grad():
+        weighted = run(model, b)[1]["loss"]
+    expected = losses["text"] + sum(losses[k][0] + 0.25 * losses[k][1:].sum() for k in ("pix", "sem"))
+    torch.testing.assert_close(weighted, expected)
 
 
 def test_a_batch_without_generation_still_gives_every_head_parameter_a_gradient():
