@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from tqdm import tqdm
@@ -258,8 +258,10 @@ class SampleConfig:
     image: str = ""               # image → text: the image to read
     ckpt: str = DEFAULT_CKPT      # a UnifiedModel.save_pretrained directory
     num_samples: int = 4          # text → image: images per prompt
-    cfg: float = 3.0              # text → image: classifier-free guidance scale (paper: 3); 0 = unconditional
-    temperature: float = 1.0      # text → image default; image → text answers greedily unless set
+    cfg: float = -1.0             # text → image: classifier-free guidance scale; 1 = conditional only,
+                                  # 0 = unconditional; -1 = the checkpoint's sample_cfg (paper: 3)
+    temperature: float = -1.0     # text → image: -1 = the checkpoint's sample_temperature (1 unless
+                                  # its config says); image → text answers greedily unless set
     top_k: int = 0                # 0 = off
     top_p: float = 1.0            # 1 = off
     max_new_tokens: int = 64      # image → text
@@ -308,8 +310,10 @@ def check_flags(cfg, given):
             raise UsageError(f"--{wrong[0]} applies to --image (image → text) only")
         if cfg.num_samples < 1:
             raise UsageError(f"--num_samples must be at least 1, got {cfg.num_samples}")
-    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
+    if ("temperature" in given and cfg.temperature < 0) or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
         raise UsageError("--temperature must be ≥ 0, --top_p in (0, 1], --top_k ≥ 0")
+    if "cfg" in given and cfg.cfg < 0:
+        raise UsageError(f"--cfg must be ≥ 0, got {cfg.cfg}")
 
 
 def load(ckpt, device):
@@ -340,13 +344,17 @@ def run(cfg, given, model, enc, tokenizer, device):
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     top_k = cfg.top_k or None
     top_p = cfg.top_p if cfg.top_p < 1 else None
+    # text → image: the checkpoint's sampling defaults unless given
+    cfg = replace(cfg, cfg=cfg.cfg if "cfg" in given else model.config.sample_cfg,
+                  temperature=cfg.temperature if "temperature" in given else model.config.sample_temperature)
 
     if cfg.eval:
         t0 = time.perf_counter()
         r = evaluate_shapes(model, enc, tokenizer, cfg=cfg.cfg, temperature=cfg.temperature, seed=cfg.seed,
                             out_dir=cfg.out)
         print(format_results(r))
-        print(f"({time.perf_counter() - t0:.0f} s; grids of the generated images in {cfg.out}/)")
+        print(f"({time.perf_counter() - t0:.0f} s; cfg {cfg.cfg}, temperature {cfg.temperature}; "
+              f"grids of the generated images in {cfg.out}/)")
         return r
 
     if cfg.image:
@@ -378,7 +386,8 @@ def run(cfg, given, model, enc, tokenizer, device):
     image_grid(images).save(paths[-1])
     P = model.config.grid ** 2
     print(f"{cfg.num_samples} images of {P} positions in {t1 - t0:.2f} s ({P / (t1 - t0):.1f} positions/s, "
-          f"{(t2 - t0) / cfg.num_samples:.2f} s per image with decoding), cfg {cfg.cfg}")
+          f"{(t2 - t0) / cfg.num_samples:.2f} s per image with decoding), cfg {cfg.cfg}, "
+          f"temperature {cfg.temperature}")
     for path in paths:
         print(path)
     return paths

@@ -572,6 +572,17 @@ class UnifiedConfig:
     # visual positions before it — a pretrained 3B LLM learns to, a small LLM trained from scratch in
     # minutes (the shapes demo) does not; with it, the hidden state at visual position i knows i.
     grid_pos_embed: bool = False
+    # An RMSNorm at the projector's output, its gain starting at projector_norm (0 = none, the
+    # paper's LLaVA MLP). Trained from scratch, the plain projector's outputs grow to ~15x the norm
+    # of the text embeddings within 1000 steps (the shapes demo: 29 vs 1.8), so a visual position's
+    # own code swamps what attention adds there (the caption, its grid position); a pretrained
+    # LLM with a warmed-up projector (the paper's stage 2) does not start from there.
+    projector_norm: float = 0.0
+    # text → image sampling defaults, which sample.py uses unless given: §4.1 samples with
+    # classifier-free guidance 3; a small model trained briefly samples best with less (the shapes
+    # preset's values were chosen on training-split prompts, see README)
+    sample_cfg: float = 3.0
+    sample_temperature: float = 1.0
     # eq. (6)-(8) weigh text and every depth of both heads alike
     text_weight: float = 1.0
     pix_weight: float = 1.0
@@ -618,10 +629,10 @@ class UnifiedConfig:
 UNIFIED_PRESETS = {
     "dualtoken-3b": dict(),
     # The CPU demo: the shapes LLM (256 wide, 4 layers, byte-level text) and the codes of
-    # tokenizer.py's "shapes" preset (8×8 positions × 4 depths from 1024 entries of 32-d vectors);
-    # depth heads half the LLM width, which is plenty for 4 slots over 1024 entries.
-    "shapes": dict(llm=Qwen2Config.preset("shapes"), codebook_size=1024, rvq_depth=4, grid=8,
-                   depth_dim=128, depth_heads=4, grid_pos_embed=True, residual_weight=0.1,
+    # tokenizer.py's "shapes" preset (8×8 positions × 4 depths from 256 entries of 32-d vectors);
+    # depth heads half the LLM width, which is plenty for 4 slots over 256 entries.
+    "shapes": dict(llm=Qwen2Config.preset("shapes"), codebook_size=256, rvq_depth=4, grid=8,
+                   depth_dim=128, depth_heads=4, grid_pos_embed=True, residual_weight=0.1, projector_norm=1.0,
                    text_tokenizer="bytes", special_tokens=_special_ids(256)),
 }
 
@@ -721,12 +732,16 @@ class UnifiedModel(nn.Module):
         self.register_buffer("sem_codebook", torch.randn(c.codebook_size, c.code_dim))
         in_dim = c.code_dim * (2 if c.visual_input == "dual" else 1)
         self.projector = nn.Sequential(nn.Linear(in_dim, c.llm.dim), nn.GELU(), nn.Linear(c.llm.dim, c.llm.dim))
+        if c.projector_norm:
+            self.projector.append(RMSNorm(c.llm.dim, c.llm.norm_eps))
         self.grid_pos = nn.Parameter(0.02 * torch.randn(c.grid ** 2, c.llm.dim)) if c.grid_pos_embed else None
         self.pix_head = DepthHead(c)
         self.sem_head = DepthHead(c) if c.gen_codes == "dual" else None
         for module in (self.projector, self.pix_head, self.sem_head):
             if module is not None:
                 module.apply(self.llm._init_weights)  # the LLM's init (normal 0.02, zero bias)
+        if c.projector_norm:
+            nn.init.constant_(self.projector[-1].weight, c.projector_norm)
         for head in (self.pix_head, self.sem_head):
             if head is not None:
                 nn.init.normal_(head.pos, std=0.02)
@@ -1579,18 +1594,27 @@ def extract_codes(tc):
 
 
 def export(argv):
-    """python unified.py export SRC DST [--dtype bfloat16]: copy a checkpoint directory (a training
-    run's out_dir) to what sample.py loads — model, tokenizer, text tokenizer; no optimizer state —
-    with floating tensors stored in --dtype. The shipped demo checkpoint is made this way."""
+    """python unified.py export SRC DST [--dtype bfloat16] [--sample_cfg S] [--sample_temperature T]:
+    copy a checkpoint directory (a training run's out_dir) to what sample.py loads — model, tokenizer,
+    text tokenizer; no optimizer state — with floating tensors stored in --dtype, and optionally new
+    text → image sampling defaults in its config. The shipped demo checkpoint is made this way."""
     p = argparse.ArgumentParser(prog="unified.py export", description=export.__doc__)
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--sample_cfg", type=float, help="sample.py's default guidance scale (≥ 0)")
+    p.add_argument("--sample_temperature", type=float, help="sample.py's default temperature (≥ 0)")
     a = p.parse_args(argv)
+    for k in ("sample_cfg", "sample_temperature"):
+        if getattr(a, k) is not None and getattr(a, k) < 0:
+            sys.exit(f"unified.py export: --{k} must be ≥ 0, got {getattr(a, k)}")
     for f in ("config.json", "model.safetensors", "tokenizer/config.json"):
         if not (Path(a.src) / f).is_file():
             sys.exit(f"unified.py export: {a.src} has no {f} (not a checkpoint written by unified.py)")
     model, _, tokenizer = load_pretrained(a.src)
+    for k in ("sample_cfg", "sample_temperature"):
+        if getattr(a, k) is not None:
+            setattr(model.config, k, getattr(a, k))
     model.save_pretrained(a.dst, tokenizer=tokenizer, dtype=getattr(torch, a.dtype))
     size = sum(f.stat().st_size for f in Path(a.dst).rglob("*") if f.is_file())
     print(f"wrote {a.dst} ({size / 2**20:.1f} MiB, {a.dtype})")

@@ -27,8 +27,10 @@ def tiny_tokenizer_config():
 def tiny_config():
     llm = Qwen2Config(vocab_size=320, dim=64, intermediate_size=128, n_layer=2, n_head=4, n_kv_head=2,
                       rope_theta=1e4, max_seq_len=400)
+    # no projector norm: with random weights its RMS-1 visual inputs swamp the std-0.02 text
+    # embeddings, and a random model would then sample the same codes with and without the caption
     return dataclasses.replace(UnifiedConfig.preset("shapes"), llm=llm, grid=4, depth_dim=32, depth_heads=4,
-                               depth_mlp=64, depth_layers=2)
+                               depth_mlp=64, depth_layers=2, projector_norm=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -141,18 +143,28 @@ def test_cli_text_to_image_writes_pngs_and_grid(ckpt, tmp_path):
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (2 * 34 - 2, 2 * 34 - 2)  # 3 images → 2 × 2 cells
     assert "positions/s" in r.stdout
+    # sampling settings: the checkpoint's unless given
+    c = ckpt[1].config
+    assert f"cfg {c.sample_cfg}, temperature {c.sample_temperature}" in r.stdout
+    r = run_cli("--ckpt", path, "--prompt", "a small red circle", "--num_samples", "1", "--cfg", "2",
+                "--temperature", "0.5", "--out", str(tmp_path), "--device", "cpu")
+    assert r.returncode == 0 and "cfg 2.0, temperature 0.5" in r.stdout, r.stderr
 
 
 def test_export_stores_bfloat16_and_loads_back_as_fp32(ckpt, tmp_path):
     from unified import load_pretrained
     path, model, tok, _ = ckpt
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "unified.py"), "export", path, str(tmp_path / "x")],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "unified.py"), "export", path, str(tmp_path / "x"),
+                        "--sample_cfg", "1.5", "--sample_temperature", "0.7"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     def size(d):
         return sum(f.stat().st_size for f in Path(d).rglob("*.safetensors"))
     assert size(tmp_path / "x") < 0.55 * size(path)
     m2, _, tok2 = load_pretrained(tmp_path / "x")
+    assert (m2.config.sample_cfg, m2.config.sample_temperature) == (1.5, 0.7)  # and nothing else changed:
+    assert dataclasses.replace(m2.config, sample_cfg=model.config.sample_cfg,
+                               sample_temperature=model.config.sample_temperature) == model.config
     for theirs, ours in ((m2.state_dict(), model.state_dict()), (tok2.state_dict(), tok.state_dict())):
         for k, v in ours.items():
             assert theirs[k].dtype == v.dtype
@@ -175,6 +187,7 @@ def test_cli_image_to_text(ckpt, tmp_path):
     (["--ckpt", "/nonexistent/ckpt", "--prompt", "x"], "no checkpoint directory"),
     (["--prompt", "x", "--image", "IMG", "--cfg", "2"], "--cfg applies to text → image"),
     (["--prompt", "x", "--max_new_tokens", "3"], "--max_new_tokens applies to --image"),
+    (["--prompt", "x", "--cfg", "-2"], "--cfg must be ≥ 0"),
     ([], "nothing to do"),
     (["--image", "NOTIMG"], "cannot read image"),
     (["--prompt", "x" * 500], "exceeds the model's context"),

@@ -107,10 +107,10 @@ def test_ablation_switches_mirror_table3():
     with pytest.raises(T.UsageError, match="sem_layer = 9 outside"):
         T.tokenizer_config(T.parse_args(["--preset", "shapes", "--sem_layer", "9"]), s)
     # the codebook size: the preset's unless given, and it reaches both RVQs
-    assert T.tokenizer_config(T.parse_args(["--preset", "shapes"]), s).codebook_size == 1024
-    c = T.tokenizer_config(T.parse_args(["--preset", "shapes", "--codebook_size", "256"]), s)
+    assert T.tokenizer_config(T.parse_args(["--preset", "shapes"]), s).codebook_size == 256
+    c = T.tokenizer_config(T.parse_args(["--preset", "shapes", "--codebook_size", "1024"]), s)
     m = T.DualTokenizer(c)
-    assert m.pix_rvq.codebook.shape[-2] == m.sem_rvq.codebook.shape[-2] == 256
+    assert m.pix_rvq.codebook.shape[-2] == m.sem_rvq.codebook.shape[-2] == 1024
     with pytest.raises(T.UsageError, match="codebook_size and depth ≥ 1, got 32, 0, 4"):
         T.tokenizer_config(T.parse_args(["--preset", "shapes", "--codebook_size", "0"]), s)
 
@@ -231,7 +231,7 @@ def test_eval_block_and_pngs(straight, teacher_dir, capsys):
     out = run(TINY + ["--siglip", teacher_dir, "--out_dir", straight, "--eval"], capsys)
     assert "==== eval of" in out and "LPIPS off" in out
     psnr = float(re.search(r"PSNR ([\d.]+) dB", out).group(1))
-    used = [float(v) for v in re.findall(r"used ([\d.]+)% of 1024", out)]
+    used = [float(v) for v in re.findall(r"used ([\d.]+)% of 256", out)]
     assert len(used) == 2 and all(0 < u <= 100 for u in used)
     acc = {m.group(1): (float(m.group(2)), float(m.group(3)))
            for m in re.finditer(r"zero-shot (\w+) +tokenizer ([\d.]+)%   teacher ([\d.]+)%", out)}

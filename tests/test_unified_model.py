@@ -173,6 +173,22 @@ def test_visual_embedding_is_the_projected_concat_of_the_code_sums(mode):
         model.embed(b["ids"], pix[:-1], sem[:-1])
 
 
+def test_projector_norm_sets_the_visual_inputs_rms_to_its_gain(tmp_path):
+    assert len(tiny_model().projector) == 3  # the paper's (LLaVA's) MLP, no norm
+    model = tiny_model(projector_norm=0.1)
+    b = make_batch()
+    with torch.no_grad():
+        f = model.visual_features(b["pix_codes"], b["sem_codes"])
+        ms = model.projector[:-1](f).pow(2).mean(-1)  # the MLP's output, (P,)
+        rms = model.projector(f).pow(2).mean(-1).sqrt()
+        torch.testing.assert_close(rms, 0.1 * (ms / (ms + model.config.llm.norm_eps)).sqrt())  # 0.1 up to eps
+        model.projector[-1].weight.mul_(3.0)  # a learned gain: saved and loaded with the model
+        model.save_pretrained(tmp_path / "m")
+        back = U.UnifiedModel.from_pretrained(tmp_path / "m")
+        torch.testing.assert_close(back.embed(b["ids"], b["pix_codes"], b["sem_codes"]),
+                                   model.embed(b["ids"], b["pix_codes"], b["sem_codes"]))
+
+
 # ----------------------------------------------------------------------------------------------
 # sequences, targets, loss masking
 
