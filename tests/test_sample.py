@@ -260,3 +260,22 @@ def test_evaluate_shapes_scores_known_answers(monkeypatch):
     assert all(v == 1.0 for v in r["und"].values())
     table = sample.format_results(r)
     assert "heldout" in table and "100.0%" in table
+
+
+def test_shipped_checkpoint_loads_and_draws_the_default_prompt():
+    # the demo checkpoint in the repository (README quickstart): strict load, its sampling defaults,
+    # and the README's default prompt read back as asked by data.read_shapes in at least one of the
+    # four default samples (seed 0; the README run had two of four)
+    from sample import DEFAULT_CKPT
+    from data import parse_shapes_caption, read_shapes
+    import unified as U
+    if not os.path.isdir(DEFAULT_CKPT):
+        pytest.skip("no shipped checkpoint in this checkout")
+    model, enc, tok = U.load_pretrained(DEFAULT_CKPT)
+    assert (model.config.sample_cfg, model.config.sample_temperature) == (1.0, 0.8)
+    prompt = "a large red circle in the center on a white background"
+    with torch.no_grad():
+        pix, _ = generate_codes(model, enc, [prompt] * 4, model.config.sample_cfg,
+                                model.config.sample_temperature, generator=torch.Generator().manual_seed(0))
+        got = [read_shapes(im) for im in tok.decode(pix).float()]
+    assert sum(g == parse_shapes_caption(prompt) for g in got) >= 1, got
