@@ -573,10 +573,10 @@ class UnifiedConfig:
     # minutes (the shapes demo) does not; with it, the hidden state at visual position i knows i.
     grid_pos_embed: bool = False
     # An RMSNorm at the projector's output, its gain starting at projector_norm (0 = none, the
-    # paper's LLaVA MLP). Trained from scratch, the plain projector's outputs grow to ~15x the norm
-    # of the text embeddings within 1000 steps (the shapes demo: 29 vs 1.8), so a visual position's
-    # own code swamps what attention adds there (the caption, its grid position); a pretrained
-    # LLM with a warmed-up projector (the paper's stage 2) does not start from there.
+    # paper's LLaVA MLP). Trained from scratch with a small LLM (the shapes demo), the plain
+    # projector's outputs grow to ~17x the norm of the text embeddings within 1000 steps, and every
+    # code enters at its own scale; with the norm every code enters at one learned scale, and the
+    # demo generates and understands far better (README: measured, the mechanism not pinned down)
     projector_norm: float = 0.0
     # text → image sampling defaults, which sample.py uses unless given: §4.1 samples with
     # classifier-free guidance 3; a small model trained briefly samples best with less (the shapes
@@ -632,8 +632,9 @@ UNIFIED_PRESETS = {
     # tokenizer.py's "shapes" preset (8×8 positions × 4 depths from 256 entries of 32-d vectors);
     # depth heads half the LLM width, which is plenty for 4 slots over 256 entries.
     "shapes": dict(llm=Qwen2Config.preset("shapes"), codebook_size=256, rvq_depth=4, grid=8,
-                   depth_dim=128, depth_heads=4, grid_pos_embed=True, residual_weight=0.1, projector_norm=1.0,
-                   sample_cfg=1.0, sample_temperature=0.8, text_tokenizer="bytes", special_tokens=_special_ids(256)),
+                   depth_dim=128, depth_heads=4, grid_pos_embed=True, residual_weight=0.1,
+                   projector_norm=1.0, sample_cfg=1.0, sample_temperature=0.8, text_tokenizer="bytes",
+                   special_tokens=_special_ids(256)),
 }
 
 UNIFIED_FORMAT = "dualtoken-unified/1"  # written to config.json, checked on load
