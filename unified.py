@@ -34,7 +34,7 @@ import sys
 import time
 import types
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -607,6 +607,9 @@ class UnifiedConfig:
             raise ValueError(f"visual_input={self.visual_input!r}: one of 'dual', 'pix', 'sem'")
         if self.gen_codes not in ("dual", "pix"):
             raise ValueError(f"gen_codes={self.gen_codes!r}: one of 'dual', 'pix'")
+        if self.sample_cfg < 0 or self.sample_temperature < 0:
+            raise ValueError(f"sample_cfg={self.sample_cfg}, sample_temperature={self.sample_temperature}: "
+                             "both must be ≥ 0")
         if self.gen_codes == "pix" and self.visual_input != "pix":
             raise ValueError("gen_codes='pix' needs visual_input='pix': generated images are fed back "
                              "as input, and without a semantic head there are no semantic codes")
@@ -733,16 +736,15 @@ class UnifiedModel(nn.Module):
         self.register_buffer("sem_codebook", torch.randn(c.codebook_size, c.code_dim))
         in_dim = c.code_dim * (2 if c.visual_input == "dual" else 1)
         self.projector = nn.Sequential(nn.Linear(in_dim, c.llm.dim), nn.GELU(), nn.Linear(c.llm.dim, c.llm.dim))
-        if c.projector_norm:
+        if c.projector_norm:  # its gain starts at projector_norm (_init_weights leaves norms alone)
             self.projector.append(RMSNorm(c.llm.dim, c.llm.norm_eps))
+            nn.init.constant_(self.projector[-1].weight, c.projector_norm)
         self.grid_pos = nn.Parameter(0.02 * torch.randn(c.grid ** 2, c.llm.dim)) if c.grid_pos_embed else None
         self.pix_head = DepthHead(c)
         self.sem_head = DepthHead(c) if c.gen_codes == "dual" else None
         for module in (self.projector, self.pix_head, self.sem_head):
             if module is not None:
                 module.apply(self.llm._init_weights)  # the LLM's init (normal 0.02, zero bias)
-        if c.projector_norm:
-            nn.init.constant_(self.projector[-1].weight, c.projector_norm)
         for head in (self.pix_head, self.sem_head):
             if head is not None:
                 nn.init.normal_(head.pos, std=0.02)
@@ -1606,16 +1608,15 @@ def export(argv):
     p.add_argument("--sample_cfg", type=float, help="sample.py's default guidance scale (≥ 0)")
     p.add_argument("--sample_temperature", type=float, help="sample.py's default temperature (≥ 0)")
     a = p.parse_args(argv)
-    for k in ("sample_cfg", "sample_temperature"):
-        if getattr(a, k) is not None and getattr(a, k) < 0:
-            sys.exit(f"unified.py export: --{k} must be ≥ 0, got {getattr(a, k)}")
     for f in ("config.json", "model.safetensors", "tokenizer/config.json"):
         if not (Path(a.src) / f).is_file():
             sys.exit(f"unified.py export: {a.src} has no {f} (not a checkpoint written by unified.py)")
     model, _, tokenizer = load_pretrained(a.src)
-    for k in ("sample_cfg", "sample_temperature"):
-        if getattr(a, k) is not None:
-            setattr(model.config, k, getattr(a, k))
+    sampling = {k: getattr(a, k) for k in ("sample_cfg", "sample_temperature") if getattr(a, k) is not None}
+    try:  # replace() re-runs UnifiedConfig's checks
+        model.config = replace(model.config, **sampling)
+    except ValueError as e:
+        sys.exit(f"unified.py export: {e}")
     model.save_pretrained(a.dst, tokenizer=tokenizer, dtype=getattr(torch, a.dtype))
     size = sum(f.stat().st_size for f in Path(a.dst).rglob("*") if f.is_file())
     print(f"wrote {a.dst} ({size / 2**20:.1f} MiB, {a.dtype})")
