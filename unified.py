@@ -572,6 +572,10 @@ class UnifiedConfig:
     # visual positions before it — a pretrained 3B LLM learns to, a small LLM trained from scratch in
     # minutes (the shapes demo) does not; with it, the hidden state at visual position i knows i.
     grid_pos_embed: bool = False
+    # the std of its init. 0.02 (the LLM's init) starts it ~50x smaller than the normed projector
+    # outputs (RMS = projector_norm), and Adam without weight decay grows it only to ~1/10 of them
+    # in the demo's 2000 steps; 1.0 starts place at the scale of content (README: measured)
+    grid_pos_init: float = 0.02
     # An RMSNorm at the projector's output, its gain starting at projector_norm (0 = none, the
     # paper's LLaVA MLP). Trained from scratch with a small LLM (the shapes demo), the plain
     # projector's outputs grow to ~17x the norm of the text embeddings within 1000 steps, and every
@@ -739,7 +743,8 @@ class UnifiedModel(nn.Module):
         if c.projector_norm:  # its gain starts at projector_norm (_init_weights leaves norms alone)
             self.projector.append(RMSNorm(c.llm.dim, c.llm.norm_eps))
             nn.init.constant_(self.projector[-1].weight, c.projector_norm)
-        self.grid_pos = nn.Parameter(0.02 * torch.randn(c.grid ** 2, c.llm.dim)) if c.grid_pos_embed else None
+        self.grid_pos = (nn.Parameter(c.grid_pos_init * torch.randn(c.grid ** 2, c.llm.dim))
+                         if c.grid_pos_embed else None)
         self.pix_head = DepthHead(c)
         self.sem_head = DepthHead(c) if c.gen_codes == "dual" else None
         for module in (self.projector, self.pix_head, self.sem_head):

@@ -208,6 +208,14 @@ def test_grid_position_embedding_is_added_at_each_pads_grid_position():
             model.embed(b["ids"], b["pix_codes"][:47], b["sem_codes"][:47])
 
 
+def test_grid_position_embedding_starts_at_the_configured_scale():
+    # std of the init = grid_pos_init (64 × dim draws: the sample std is within a few % of it)
+    for std in (0.02, 1.0):
+        torch.manual_seed(0)
+        g = tiny_model(grid_pos_embed=True, grid_pos_init=std).grid_pos
+        assert abs(g.std().item() / std - 1) < 0.1, (std, g.std().item())
+
+
 def test_shapes_conversations_ask_several_questions_about_one_image():
     from data import QUESTIONS, parse_shapes_caption
     src = U.ShapesSource(50, torch.Generator().manual_seed(0), qa_turns=3)
