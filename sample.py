@@ -198,12 +198,15 @@ def eval_prompts(split, n, seed=0):
 
 @torch.no_grad()
 def evaluate_shapes(model, enc, tokenizer, n_prompts=36, n_images=30, cfg=3.0, temperature=1.0,
-                    batch=18, seed=0, out_dir=None, progress=True):
-    """-> {"gen": {split: {attr: accuracy, "all": ...}}, "und": {question type: accuracy}}.
+                    batch=18, seed=0, out_dir=None, progress=True, n_recon=120):
+    """-> {"gen": {split: {attr: accuracy, "all": ...}}, "und": {question type: accuracy},
+           "recon": {attr: accuracy, "all": ...}}.
 
     Generation: one image per fixed prompt (train combinations, and all held-out ones), decoded and
     read back by data.read_shapes; an attribute counts when the reader finds what the prompt asked.
     Understanding: every question type on n_images held-out images, exact match after lower-casing.
+    Reconstruction: n_recon held-out images encoded and decoded by the tokenizer, read back the same
+    way — what generation would score with perfect codes, the tokenizer's ceiling for it.
     """
     gen = torch.Generator(device=model.pix_codebook.device).manual_seed(seed)
     results = {"gen": {}, "und": {}}
@@ -236,6 +239,19 @@ def evaluate_shapes(model, enc, tokenizer, n_prompts=36, n_images=30, cfg=3.0, t
             got = answer(model, enc, tokenizer, x, q, max_new_tokens=len(a) + 8)
             hits[k] += got.strip().lower() == a.lower()
     results["und"] = {k: hits[k] / n_images for k in hits}
+    samples = [shapes_sample(i, seed=seed, split="heldout") for i in range(n_recon)]
+    hits = {a: 0 for a in ATTRS + ("all",)}
+    for i in tqdm(range(0, n_recon, 2 * batch), desc="reconstruct heldout", disable=not progress):
+        chunk = samples[i:i + 2 * batch]
+        x = torch.stack([to_tensor(s["image"], size, resample) for s in chunk]).to(model.pix_codebook.device)
+        pix, _ = tokenizer.encode(x)
+        for s, im in zip(chunk, tokenizer.decode(pix).float().cpu()):
+            got = read_shapes(im)
+            ok = [got[a] == s["attrs"][a] for a in ATTRS]
+            for a, k in zip(ATTRS, ok):
+                hits[a] += k
+            hits["all"] += all(ok)
+    results["recon"] = {a: hits[a] / max(n_recon, 1) for a in hits}
     return results
 
 
@@ -245,6 +261,10 @@ def format_results(r):
         lines.append(f"  {split:<35}" + "  ".join(f"{100 * acc[a]:>9.1f}%" for a in ATTRS + ("all",)))
     lines.append("understanding (held-out images)      " + "  ".join(f"{k:>10}" for k in r["und"]))
     lines.append(" " * 37 + "  ".join(f"{100 * v:>9.1f}%" for v in r["und"].values()))
+    if "recon" in r:
+        lines.append(f"{'tokenizer ceiling (held-out images':<37}" + "  ".join(f"{a:>10}" for a in ATTRS + ("all",)))
+        lines.append(f"{'  encoded + decoded, read back)':<37}" + "  ".join(f"{100 * r['recon'][a]:>9.1f}%"
+                                                                        for a in ATTRS + ("all",)))
     return "\n".join(lines)
 
 

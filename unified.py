@@ -639,7 +639,7 @@ UNIFIED_PRESETS = {
     # tokenizer.py's "shapes" preset (8×8 positions × 4 depths from 256 entries of 32-d vectors);
     # depth heads half the LLM width, which is plenty for 4 slots over 256 entries.
     "shapes": dict(llm=Qwen2Config.preset("shapes"), codebook_size=256, rvq_depth=4, grid=8,
-                   depth_dim=128, depth_heads=4, grid_pos_embed=True, residual_weight=0.1,
+                   depth_dim=128, depth_heads=4, grid_pos_embed=True, grid_pos_init=1.0, residual_weight=0.1,
                    projector_norm=1.0, sample_cfg=1.0, sample_temperature=0.8, text_tokenizer="bytes",
                    special_tokens=_special_ids(256)),
 }

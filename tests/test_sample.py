@@ -27,10 +27,11 @@ def tiny_tokenizer_config():
 def tiny_config():
     llm = Qwen2Config(vocab_size=320, dim=64, intermediate_size=128, n_layer=2, n_head=4, n_kv_head=2,
                       rope_theta=1e4, max_seq_len=400)
-    # no projector norm: with random weights its RMS-1 visual inputs swamp the std-0.02 text
-    # embeddings, and a random model would then sample the same codes with and without the caption
+    # no projector norm and the LLM's init for the grid positions: with random weights RMS-1 visual
+    # inputs swamp the std-0.02 text embeddings, and a random model would then sample the same
+    # codes with and without the caption
     return dataclasses.replace(UnifiedConfig.preset("shapes"), llm=llm, grid=4, depth_dim=32, depth_heads=4,
-                               depth_mlp=64, depth_layers=2, projector_norm=0.0)
+                               depth_mlp=64, depth_layers=2, projector_norm=0.0, grid_pos_init=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +228,9 @@ def test_evaluate_shapes_scores_known_answers(monkeypatch):
             class siglip:
                 image_size, resample = 64, "bicubic"
 
+        def encode(self, images):  # "codes" = the caption read off the image; decode renders it
+            return [shapes_caption(read_shapes(x)) for x in images], None
+
         def decode(self, captions):
             ims = []
             for cap in captions:
@@ -249,7 +253,8 @@ def test_evaluate_shapes_scores_known_answers(monkeypatch):
 
     monkeypatch.setattr(sample, "generate_codes", fake_codes)
     monkeypatch.setattr(sample, "answer", answer_from_pixels)
-    r = sample.evaluate_shapes(FakeModel(), None, FakeTokenizer(), n_prompts=36, n_images=12, progress=False)
+    r = sample.evaluate_shapes(FakeModel(), None, FakeTokenizer(), n_prompts=36, n_images=12, progress=False,
+                               n_recon=50)
     for split, prompts in (("train", sample.eval_prompts("train", 36)),
                            ("heldout", sample.eval_prompts("heldout", len(sample.HELDOUT)))):
         red = sum(p["color"] == "red" for p in prompts) / len(prompts)
@@ -258,14 +263,22 @@ def test_evaluate_shapes_scores_known_answers(monkeypatch):
         assert acc["shape"] == acc["size"] == acc["where"] == acc["background"] == 1.0
         assert acc["color"] == pytest.approx(1 - red) and acc["all"] == pytest.approx(1 - red)
     assert all(v == 1.0 for v in r["und"].values())
+    # reconstructions: the held-out images through encode/decode, the same red -> blue flaw
+    from data import shapes_sample
+    red = sum(shapes_sample(i, split="heldout")["attrs"]["color"] == "red" for i in range(50)) / 50
+    assert 0 < red < 1
+    acc = r["recon"]
+    assert acc["shape"] == acc["size"] == acc["where"] == acc["background"] == 1.0
+    assert acc["color"] == pytest.approx(1 - red) and acc["all"] == pytest.approx(1 - red)
     table = sample.format_results(r)
+    assert "tokenizer ceiling" in table
     assert "heldout" in table and "100.0%" in table
 
 
 def test_shipped_checkpoint_loads_and_draws_the_default_prompt():
     # the demo checkpoint in the repository (README quickstart): strict load, its sampling defaults,
     # and the README's default prompt read back as asked by data.read_shapes in at least one of the
-    # four default samples (seed 0; the README run had two of four)
+    # four default samples (seed 0; the README run had three of four)
     from sample import DEFAULT_CKPT
     from data import parse_shapes_caption, read_shapes
     import unified as U
