@@ -209,7 +209,8 @@ def test_grid_position_embedding_is_added_at_each_pads_grid_position():
 
 
 def test_grid_position_embedding_starts_at_the_configured_scale():
-    # std of the init = grid_pos_init (64 × dim draws: the sample std is within a few % of it)
+    # std of the init = grid_pos_init (16 grid positions × the LLM width of draws: the sample std is
+    # within a few % of it)
     for std in (0.02, 1.0):
         torch.manual_seed(0)
         g = tiny_model(grid_pos_embed=True, grid_pos_init=std).grid_pos
