@@ -196,6 +196,19 @@ def eval_prompts(split, n, seed=0):
     return out
 
 
+def read_back_accuracy(wants, images):
+    """attrs dicts and images [3, H, W] -> {attr: fraction read back by data.read_shapes as wanted,
+    "all": fraction with every attribute right}."""
+    hits = {a: 0 for a in ATTRS + ("all",)}
+    for want, im in zip(wants, images):
+        got = read_shapes(im)
+        ok = [got[a] == want[a] for a in ATTRS]
+        for a, k in zip(ATTRS, ok):
+            hits[a] += k
+        hits["all"] += all(ok)
+    return {a: hits[a] / max(len(wants), 1) for a in hits}
+
+
 @torch.no_grad()
 def evaluate_shapes(model, enc, tokenizer, n_prompts=36, n_images=30, cfg=3.0, temperature=1.0,
                     batch=18, seed=0, out_dir=None, progress=True, n_recon=120):
@@ -212,7 +225,6 @@ def evaluate_shapes(model, enc, tokenizer, n_prompts=36, n_images=30, cfg=3.0, t
     results = {"gen": {}, "und": {}}
     for split, n in (("train", n_prompts), ("heldout", len(HELDOUT))):
         prompts = eval_prompts(split, n, seed)
-        hits = {a: 0 for a in ATTRS + ("all",)}
         images = []
         for i in tqdm(range(0, n, batch), desc=f"generate {split}", disable=not progress):
             chunk = prompts[i:i + batch]
@@ -220,13 +232,7 @@ def evaluate_shapes(model, enc, tokenizer, n_prompts=36, n_images=30, cfg=3.0, t
                                     generator=gen)
             images.append(tokenizer.decode(pix).float().cpu())
         images = torch.cat(images)
-        for want, im in zip(prompts, images):
-            got = read_shapes(im)
-            ok = [got[a] == want[a] for a in ATTRS]
-            for a, k in zip(ATTRS, ok):
-                hits[a] += k
-            hits["all"] += all(ok)
-        results["gen"][split] = {a: hits[a] / n for a in hits}
+        results["gen"][split] = read_back_accuracy(prompts, images)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
             image_grid(images, ncol=9).save(os.path.join(out_dir, f"eval_{split}.png"))
@@ -240,18 +246,12 @@ def evaluate_shapes(model, enc, tokenizer, n_prompts=36, n_images=30, cfg=3.0, t
             hits[k] += got.strip().lower() == a.lower()
     results["und"] = {k: hits[k] / n_images for k in hits}
     samples = [shapes_sample(i, seed=seed, split="heldout") for i in range(n_recon)]
-    hits = {a: 0 for a in ATTRS + ("all",)}
+    images = []
     for i in tqdm(range(0, n_recon, 2 * batch), desc="reconstruct heldout", disable=not progress):
-        chunk = samples[i:i + 2 * batch]
-        x = torch.stack([to_tensor(s["image"], size, resample) for s in chunk]).to(model.pix_codebook.device)
-        pix, _ = tokenizer.encode(x)
-        for s, im in zip(chunk, tokenizer.decode(pix).float().cpu()):
-            got = read_shapes(im)
-            ok = [got[a] == s["attrs"][a] for a in ATTRS]
-            for a, k in zip(ATTRS, ok):
-                hits[a] += k
-            hits["all"] += all(ok)
-    results["recon"] = {a: hits[a] / max(n_recon, 1) for a in hits}
+        x = torch.stack([to_tensor(s["image"], size, resample) for s in samples[i:i + 2 * batch]])
+        pix, _ = tokenizer.encode(x.to(model.pix_codebook.device))
+        images.append(tokenizer.decode(pix).float().cpu())
+    results["recon"] = read_back_accuracy([s["attrs"] for s in samples], torch.cat(images) if images else [])
     return results
 
 

@@ -512,8 +512,8 @@ TOKENIZER_PRESETS = {
         siglip=SIGLIP_PRESETS["so400m-256"], depth=4, latent_size=16, dec_attn=(16,)),
     # the CPU demo: micro-SigLIP (8 layers, 8×8 tokens) with the taps scaled from 4/6/26 of 27 to
     # 1/2/7 of 8; codes 8×8×4 from 256 entries; the decoder needs no resize (latent = grid = 8)
-    # and upsamples 3× to 64×64. 256 entries reconstruct as well as 1024 (29.5 vs 29.1 dB) and
-    # split the near-identical background patches into far fewer codes (README).
+    # and upsamples 3× to 64×64. 256 entries reconstruct nearly as well as 1024 (28.6 vs 29.1 dB)
+    # and split the near-identical background patches into far fewer codes (README).
     "shapes": TokenizerConfig(
         siglip=SIGLIP_PRESETS["shapes"], rec_layer=2, shortcut_layer=1, sem_layer=7,
         codebook_size=256, depth=4, latent_size=8, dec_in=128, dec_ch=32, dec_ch_mult=(1, 2, 2, 4),
