@@ -242,7 +242,10 @@ def test_evaluate_shapes_scores_known_answers(monkeypatch):
     class FakeModel:
         pix_codebook = torch.zeros(1)
 
+    drawn = []
+
     def fake_codes(model, enc, captions, *args, **kw):
+        drawn.extend(captions)
         return captions, None  # the "codes" are the captions; FakeTokenizer.decode renders them
 
     def answer_from_pixels(model, enc, tok, x, q, max_new_tokens=0):
@@ -254,7 +257,9 @@ def test_evaluate_shapes_scores_known_answers(monkeypatch):
     monkeypatch.setattr(sample, "generate_codes", fake_codes)
     monkeypatch.setattr(sample, "answer", answer_from_pixels)
     r = sample.evaluate_shapes(FakeModel(), None, FakeTokenizer(), n_prompts=36, n_images=12, progress=False,
-                               n_recon=50)
+                               n_recon=50, per_prompt=2)
+    assert len(drawn) == 2 * (36 + len(sample.HELDOUT))  # every prompt twice
+    assert drawn[0] == drawn[1] and drawn[1] != drawn[2]
     for split, prompts in (("train", sample.eval_prompts("train", 36)),
                            ("heldout", sample.eval_prompts("heldout", len(sample.HELDOUT)))):
         red = sum(p["color"] == "red" for p in prompts) / len(prompts)
@@ -292,3 +297,38 @@ def test_shipped_checkpoint_loads_and_draws_the_default_prompt():
                                 model.config.sample_temperature, generator=torch.Generator().manual_seed(0))
         got = [read_shapes(im) for im in tok.decode(pix).float()]
     assert sum(g == parse_shapes_caption(prompt) for g in got) >= 1, got
+
+
+def test_read_back_report_counts_images_that_match_a_benchmark_prompt(capsys):
+    # the text → image CLI's last lines: per-image read-back and the count matching the prompt
+    from sample import read_back_report
+    from data import parse_shapes_caption, render_shapes
+    prompt = "a large red circle in the center on a white background"
+    want = parse_shapes_caption(prompt)
+    images = torch.stack([to_tensor(render_shapes(want)), to_tensor(render_shapes(dict(want, shape="square"))),
+                          to_tensor(render_shapes(want))])
+    assert read_back_report(prompt, images) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"read back sample_00: {prompt}"
+    assert out[1] == "read back sample_01: a large red square in the center on a white background  (differs)"
+    assert out[-1] == "2 of 3 read back as asked"
+    assert read_back_report("a cat on a sofa", images) is None  # not a benchmark caption: silent
+    assert capsys.readouterr().out == ""
+
+
+def test_evaluate_shapes_passes_its_sampling_settings(monkeypatch):
+    # --eval shapes --top_k/--top_p reach the sampler (the README's sampling sweep is run this way)
+    import sample
+    seen = []
+
+    def record(model, enc, captions, cfg, temperature, top_k=None, top_p=None, generator=None):
+        seen.append((cfg, temperature, top_k, top_p))
+        raise StopIteration  # enough: the first call's arguments are what this test is about
+
+    class FakeModel:
+        pix_codebook = torch.zeros(1)
+
+    monkeypatch.setattr(sample, "generate_codes", record)
+    with pytest.raises(StopIteration):
+        sample.evaluate_shapes(FakeModel(), None, None, cfg=1.5, temperature=0.7, top_k=3, top_p=0.9, progress=False)
+    assert seen == [(1.5, 0.7, 3, 0.9)]
