@@ -238,8 +238,8 @@ def evaluate_shapes(model, enc, tokenizer, n_prompts=36, n_images=60, cfg=3.0, t
         results["gen"][split] = read_back_accuracy(prompts, images)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
-            image_grid(images, ncol=9 * per_prompt if per_prompt < 3 else per_prompt).save(
-                os.path.join(out_dir, f"eval_{split}.png"))  # a prompt's images side by side
+            ncol = per_prompt * max(1, 12 // per_prompt)  # a prompt's images side by side, ~12 a row
+            image_grid(images, ncol=ncol).save(os.path.join(out_dir, f"eval_{split}.png"))
     size, resample = tokenizer.config.siglip.image_size, tokenizer.config.siglip.resample
     hits = {k: 0 for k in QUESTIONS}
     for i in tqdm(range(n_images), desc="answer heldout", disable=not progress):
