@@ -17,7 +17,8 @@ guidance) and `sample_codes`.
 
 Sections: Qwen2 (config, blocks, model, HF checkpoints), the unified model, stage-2 sequences and
 data sources, training (`python unified.py --preset shapes --tokenizer DIR`, or under torchrun),
-code extraction (`python unified.py extract-codes ...`).
+code extraction (`python unified.py extract-codes ...`), export of a checkpoint for sample.py
+(`python unified.py export SRC DST`), and the LLM inputs' norms (`python unified.py norms CKPT`).
 """
 
 import argparse
@@ -1627,10 +1628,52 @@ def export(argv):
     print(f"wrote {a.dst} ({size / 2**20:.1f} MiB, {a.dtype})")
 
 
+@torch.no_grad()
+def input_norms(model, enc, tokenizer, n_images=64, seed=0):
+    """The mean L2 norm of each kind of LLM input on n held-out shapes samples -> dict: "text" (the
+    caption tokens' embeddings), "visual" (the visual projector's outputs, §3.3), "grid_pos" (the
+    grid-position embedding's rows, if any), "visual_input" (what the LLM reads at an image
+    position: projector + grid position). The README's scale arguments about --projector_norm and
+    --grid_pos_init quote these."""
+    dev = model.pix_codebook.device
+    samples = [shapes_sample(i, seed=seed, split="heldout") for i in range(n_images)]
+    size, resample = tokenizer.config.siglip.image_size, tokenizer.config.siglip.resample
+    x = torch.stack([to_tensor(s["image"], size, resample) for s in samples]).to(dev)
+    pix, sem = tokenizer.encode(x)  # (N, h, w, D) each
+    D = pix.shape[-1]
+    pix, sem = pix.reshape(-1, D), sem.reshape(-1, D)  # (N·P, D), row-major positions per image
+    P = model.config.grid ** 2
+    positions = torch.arange(P, device=dev).repeat(n_images)
+    ids = torch.tensor([t for s in samples for t in enc.encode(s["caption"])], device=dev)
+    out = {"text": model.llm.tok_embeddings(ids).norm(dim=-1).mean().item(),
+           "visual": model.projector(model.visual_features(pix, sem)).norm(dim=-1).mean().item()}
+    if model.grid_pos is not None:
+        out["grid_pos"] = model.grid_pos.norm(dim=-1).mean().item()
+    out["visual_input"] = model.visual_embed(pix, sem, positions).norm(dim=-1).mean().item()
+    return out
+
+
+def norms(argv):
+    """python unified.py norms CKPT [--n_images N]: print input_norms of a checkpoint directory."""
+    p = argparse.ArgumentParser(prog="unified.py norms", description=norms.__doc__)
+    p.add_argument("ckpt")
+    p.add_argument("--n_images", type=int, default=64)
+    a = p.parse_args(argv)
+    if not (Path(a.ckpt) / "config.json").is_file():
+        sys.exit(f"unified.py norms: {a.ckpt} has no config.json (not a checkpoint written by unified.py)")
+    model, enc, tokenizer = load_pretrained(a.ckpt)
+    r = input_norms(model, enc, tokenizer, a.n_images)
+    print(f"mean L2 norm of the LLM inputs over {a.n_images} held-out shapes samples: "
+          + "  ".join(f"{k} {v:.2f}" for k, v in r.items()))
+    return r
+
+
 def main(argv):
     command = "train"
     if argv and argv[0] == "export":
         return export(argv[1:])
+    if argv and argv[0] == "norms":
+        return norms(argv[1:])
     if argv and argv[0] == "extract-codes":
         command, argv = "extract-codes", argv[1:]
     given, model_kw = parse_args(argv)

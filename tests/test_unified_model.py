@@ -629,3 +629,24 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert U.lr_at(110, tc) == pytest.approx(0.1) and U.lr_at(500, tc) == pytest.approx(0.1)
     # a longer planned schedule (a run cut into pieces): a quarter of the way down the cosine
     assert U.lr_at(60, replace(tc, lr_decay_steps=210)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_input_norms_known_answers():
+    # `python unified.py norms`: with every weight it reads set to a known value, each mean norm is
+    # known — text rows of constant 0.5 (norm 0.5·√dim), grid rows of constant 2 (2·√dim), a
+    # projector whose last Linear outputs a constant that its RMSNorm (gain 1.5) maps to 1.5 per
+    # dimension (1.5·√dim), and their sum at an image position (3.5·√dim)
+    from data import load_text_tokenizer
+    model = tiny_model(grid_pos_embed=True, projector_norm=1.0)
+    dim = model.config.llm.dim
+    with torch.no_grad():
+        model.llm.tok_embeddings.weight.fill_(0.5)
+        model.grid_pos.fill_(2.0)
+        for p in model.projector.parameters():
+            p.zero_()
+        model.projector[2].bias.fill_(3.0)
+        model.projector[-1].weight.fill_(1.5)
+    r = U.input_norms(model, load_text_tokenizer("bytes"), tiny_tokenizer(), n_images=3)
+    root = dim ** 0.5
+    assert r == pytest.approx({"text": 0.5 * root, "visual": 1.5 * root, "grid_pos": 2 * root,
+                               "visual_input": 3.5 * root}, rel=1e-4)
