@@ -512,8 +512,8 @@ TOKENIZER_PRESETS = {
         siglip=SIGLIP_PRESETS["so400m-256"], depth=4, latent_size=16, dec_attn=(16,)),
     # the CPU demo: micro-SigLIP (8 layers, 8×8 tokens) with the taps scaled from 4/6/26 of 27 to
     # 1/2/7 of 8; codes 8×8×4 from 256 entries; the decoder needs no resize (latent = grid = 8)
-    # and upsamples 3× to 64×64. 256 entries reconstruct nearly as well as 1024 (28.6 vs 29.1 dB)
-    # and split the near-identical background patches into far fewer codes (README).
+    # and upsamples 3× to 64×64. 256 entries reconstruct nearly as well as 1024 (28.6 vs 29.1 dB
+    # after 1000 steps) and split the near-identical background patches into far fewer codes (README).
     "shapes": TokenizerConfig(
         siglip=SIGLIP_PRESETS["shapes"], rec_layer=2, shortcut_layer=1, sem_layer=7,
         codebook_size=256, depth=4, latent_size=8, dec_in=128, dec_ch=32, dec_ch_mult=(1, 2, 2, 4),
@@ -865,8 +865,11 @@ TRAIN_PRESETS = {
         text_tokenizer="bytes", eval_n=512, eval_every=300, workers=0, log_every=100, ckpt_every=300),
     # The tokenizer of the demo. Measured (1 process, batch 16): lr 3e-4 for 500 steps with the GAN
     # from step 300 reached 25.4 dB and its small triangles and squares decoded as round blobs;
-    # lr 1e-3 for 1000 steps without the GAN 29.7 dB. The adversarial term stays off here (disc_start
-    # = max_steps): a PatchGAN needs many more steps than a CPU demo has; --disc_start N turns it on.
+    # lr 1e-3 for 1000 steps without the GAN 29.7 dB. With 2 processes × batch 8 (README): 28.6 dB
+    # after 1000 steps; --max_steps 2000 reaches 33.5 dB (128 entries: 31.0) and draws small shapes
+    # much more faithfully, but stage 2 then generates worse from its codes in its 2000 steps, so
+    # the demo keeps 1000. The adversarial term stays off here (disc_start = max_steps): a PatchGAN
+    # needs many more steps than a CPU demo has; --disc_start N turns it on.
     "shapes": TrainConfig(
         model="shapes", data="shapes", siglip="out/shapes-teacher", out_dir="out/shapes-tokenizer",
         lr=1e-3, warmup=50, max_steps=1000, disc_start=1000, batch_size=16, text_tokenizer="bytes",
