@@ -241,15 +241,16 @@ def evaluate_shapes(model, enc, tokenizer, n_prompts=36, n_images=60, cfg=3.0, t
             ncol = per_prompt * max(1, 12 // per_prompt)  # a prompt's images side by side, ~12 a row
             image_grid(images, ncol=ncol).save(os.path.join(out_dir, f"eval_{split}.png"))
     size, resample = tokenizer.config.siglip.image_size, tokenizer.config.siglip.resample
+    # the held-out images both parts read (understanding: the first n_images; reconstruction: n_recon)
+    heldout = [shapes_sample(i, seed=seed, split="heldout") for i in range(max(n_images, n_recon))]
     hits = {k: 0 for k in QUESTIONS}
-    for i in tqdm(range(n_images), desc="answer heldout", disable=not progress):
-        s = shapes_sample(i, seed=seed, split="heldout")
+    for s in tqdm(heldout[:n_images], desc="answer heldout", disable=not progress):
         x = to_tensor(s["image"], size, resample)
         for (q, a), k in zip(s["qa"], QUESTIONS):
             got = answer(model, enc, tokenizer, x, q, max_new_tokens=len(a) + 8)
             hits[k] += got.strip().lower() == a.lower()
     results["und"] = {k: hits[k] / n_images for k in hits}
-    samples = [shapes_sample(i, seed=seed, split="heldout") for i in range(n_recon)]
+    samples = heldout[:n_recon]
     images = []
     for i in tqdm(range(0, n_recon, 2 * batch), desc="reconstruct heldout", disable=not progress):
         x = torch.stack([to_tensor(s["image"], size, resample) for s in samples[i:i + 2 * batch]])
