@@ -1261,9 +1261,9 @@ class TrainConfig:
 
 TRAIN_PRESETS = {
     # The CPU demo on the shapes benchmark (the tokenizer is stage 1's shapes tokenizer): ~40 min on
-    # 2 cores (2 processes × batch 8), what the one-hour pipeline leaves after the teacher and the tokenizer. Every
-    # loss still falls at the end, and more steps generate better (README), hence as many as fit.
-    # lr 1e-3: in side-by-side 1000-step runs, 2e-3, 4e-3 and 8e-3 each learned more slowly.
+    # 2 cores (2 processes × batch 8), what the one-hour pipeline leaves after the teacher and the
+    # tokenizer. Every loss still falls at the end and more steps generate better (README), hence
+    # as many as fit. lr 1e-3: in side-by-side runs 2e-3, 4e-3 and 8e-3 each learned more slowly.
     "shapes": dict(model="shapes", data="shapes", n_images=100_000, batch_size=16, max_steps=3000,
                    qa_turns=3, lr=1e-3, min_lr=1e-4, warmup_steps=30, num_workers=0,
                    out_dir="out/unified-shapes", log_every=50, ckpt_every=250),
