@@ -575,7 +575,7 @@ class UnifiedConfig:
     grid_pos_embed: bool = False
     # the std of its init. 0.02 (the LLM's init) starts it ~50x smaller than the normed projector
     # outputs (RMS = projector_norm), and Adam without weight decay grows it only to ~1/10 of them
-    # in the demo's 2000 steps; 1.0 starts place at the scale of content (README: measured)
+    # in the earlier 2000-step recipe; 1.0 starts place at the scale of content (README: measured)
     grid_pos_init: float = 0.02
     # An RMSNorm at the projector's output, its gain starting at projector_norm (0 = none, the
     # paper's LLaVA MLP). Trained from scratch with a small LLM (the shapes demo), the plain
@@ -642,7 +642,7 @@ UNIFIED_PRESETS = {
     # entries: with 3 layers a step costs ~12 % more and the losses were no lower (README: measured).
     "shapes": dict(llm=Qwen2Config.preset("shapes"), codebook_size=256, rvq_depth=4, grid=8,
                    depth_dim=128, depth_heads=4, depth_layers=1, grid_pos_embed=True, grid_pos_init=1.0, residual_weight=0.1,
-                   projector_norm=1.0, sample_cfg=1.0, sample_temperature=0.8, text_tokenizer="bytes",
+                   projector_norm=1.0, sample_cfg=1.0, sample_temperature=0.4, text_tokenizer="bytes",
                    special_tokens=_special_ids(256)),
 }
 

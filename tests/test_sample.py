@@ -290,7 +290,7 @@ def test_shipped_checkpoint_loads_and_draws_the_default_prompt():
     if not os.path.isdir(DEFAULT_CKPT):
         pytest.skip("no shipped checkpoint in this checkout")
     model, enc, tok = U.load_pretrained(DEFAULT_CKPT)
-    assert (model.config.sample_cfg, model.config.sample_temperature) == (1.0, 0.8)
+    assert (model.config.sample_cfg, model.config.sample_temperature) == (1.0, 0.4)
     prompt = "a large red circle in the center on a white background"
     with torch.no_grad():
         pix, _ = generate_codes(model, enc, [prompt] * 4, model.config.sample_cfg,
