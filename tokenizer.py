@@ -868,8 +868,8 @@ TRAIN_PRESETS = {
     # lr 1e-3 for 1000 steps without the GAN 29.7 dB. With 2 processes × batch 8 (README): 28.6 dB
     # after 1000 steps; --max_steps 2000 reaches 33.5 dB (128 entries: 31.0) and draws small shapes
     # much more faithfully, but stage 2 (the earlier 2000-step recipe) then generated worse from
-    # its codes, so the demo keeps 1000. The adversarial term stays off here (disc_start = max_steps): a PatchGAN
-    # needs many more steps than a CPU demo has; --disc_start N turns it on.
+    # its codes, so the demo keeps 1000. The adversarial term stays off here (disc_start =
+    # max_steps): a PatchGAN needs many more steps than a CPU demo has; --disc_start N turns it on.
     "shapes": TrainConfig(
         model="shapes", data="shapes", siglip="out/shapes-teacher", out_dir="out/shapes-tokenizer",
         lr=1e-3, warmup=50, max_steps=1000, disc_start=1000, batch_size=16, text_tokenizer="bytes",
