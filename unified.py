@@ -641,9 +641,9 @@ UNIFIED_PRESETS = {
     # depth heads half the LLM width and one layer deep, which is plenty for 4 slots over 256
     # entries: with 3 layers a step costs ~12 % more and the losses were no lower (README: measured).
     "shapes": dict(llm=Qwen2Config.preset("shapes"), codebook_size=256, rvq_depth=4, grid=8,
-                   depth_dim=128, depth_heads=4, depth_layers=1, grid_pos_embed=True, grid_pos_init=1.0, residual_weight=0.1,
-                   projector_norm=1.0, sample_cfg=1.0, sample_temperature=0.4, text_tokenizer="bytes",
-                   special_tokens=_special_ids(256)),
+                   depth_dim=128, depth_heads=4, depth_layers=1, grid_pos_embed=True, grid_pos_init=1.0,
+                   residual_weight=0.1, projector_norm=1.0, sample_cfg=1.0, sample_temperature=0.4,
+                   text_tokenizer="bytes", special_tokens=_special_ids(256)),
 }
 
 UNIFIED_FORMAT = "dualtoken-unified/1"  # written to config.json, checked on load
