@@ -1604,6 +1604,13 @@ def extract_codes(tc):
     print(f"extract-codes: {n} images -> {n_shards} shards in {out} (tokenizer {meta['tokenizer']})")
 
 
+def _require_checkpoint(path, command):
+    # a user's wrong directory is one line naming what is missing, not a traceback from deep in loading
+    for f in ("config.json", "model.safetensors", "tokenizer/config.json"):
+        if not (Path(path) / f).is_file():
+            sys.exit(f"unified.py {command}: {path} has no {f} (not a checkpoint written by unified.py)")
+
+
 def export(argv):
     """python unified.py export SRC DST [--dtype bfloat16] [--sample_cfg S] [--sample_temperature T]:
     copy a checkpoint directory (a training run's out_dir) to what sample.py loads — model, tokenizer,
@@ -1616,9 +1623,7 @@ def export(argv):
     p.add_argument("--sample_cfg", type=float, help="sample.py's default guidance scale (≥ 0)")
     p.add_argument("--sample_temperature", type=float, help="sample.py's default temperature (≥ 0)")
     a = p.parse_args(argv)
-    for f in ("config.json", "model.safetensors", "tokenizer/config.json"):
-        if not (Path(a.src) / f).is_file():
-            sys.exit(f"unified.py export: {a.src} has no {f} (not a checkpoint written by unified.py)")
+    _require_checkpoint(a.src, "export")
     model, _, tokenizer = load_pretrained(a.src)
     sampling = {k: getattr(a, k) for k in ("sample_cfg", "sample_temperature") if getattr(a, k) is not None}
     try:  # replace() re-runs UnifiedConfig's checks
@@ -1661,8 +1666,7 @@ def norms(argv):
     p.add_argument("ckpt")
     p.add_argument("--n_images", type=int, default=64)
     a = p.parse_args(argv)
-    if not (Path(a.ckpt) / "config.json").is_file():
-        sys.exit(f"unified.py norms: {a.ckpt} has no config.json (not a checkpoint written by unified.py)")
+    _require_checkpoint(a.ckpt, "norms")
     model, enc, tokenizer = load_pretrained(a.ckpt)
     r = input_norms(model, enc, tokenizer, a.n_images)
     print(f"mean L2 norm of the LLM inputs over {a.n_images} held-out shapes samples: "
