@@ -640,12 +640,13 @@ UNIFIED_PRESETS = {
     # tokenizer.py's "shapes" preset (8×8 positions × 4 depths from 256 entries of 32-d vectors);
     # depth heads half the LLM width and one layer deep, which is plenty for 4 slots over 256
     # entries: with 3 layers a step costs ~12 % more and the losses were no lower (README: measured).
-    # Text weighs 4: the answers are a few bytes among many visual targets, and at weight 1 the model
-    # learned to answer far more slowly than to draw (README: measured, generation unchanged).
+    # Text weighs 4: it is one loss term against eight visual ones, mostly bytes its first one fixes,
+    # and at weight 1 the model learned to answer far more slowly than to draw (README: measured;
+    # generation no worse).
     "shapes": dict(llm=Qwen2Config.preset("shapes"), codebook_size=256, rvq_depth=4, grid=8,
                    depth_dim=128, depth_heads=4, depth_layers=1, grid_pos_embed=True, grid_pos_init=1.0,
-                   residual_weight=0.1, projector_norm=1.0, text_weight=4.0, sample_cfg=1.0, sample_temperature=0.4,
-                   text_tokenizer="bytes", special_tokens=_special_ids(256)),
+                   residual_weight=0.1, projector_norm=1.0, text_weight=4.0, sample_cfg=1.0,
+                   sample_temperature=0.4, text_tokenizer="bytes", special_tokens=_special_ids(256)),
 }
 
 UNIFIED_FORMAT = "dualtoken-unified/1"  # written to config.json, checked on load
