@@ -867,8 +867,9 @@ TRAIN_PRESETS = {
     # from step 300 reached 25.4 dB and its small triangles and squares decoded as round blobs;
     # lr 1e-3 for 1000 steps without the GAN 29.7 dB. With 2 processes × batch 8 (README): 28.6 dB
     # after 1000 steps; --max_steps 2000 reaches 33.5 dB (128 entries: 31.0) and draws small shapes
-    # much more faithfully, but stage 2 (the earlier 2000-step recipe) then generated worse from
-    # its codes, so the demo keeps 1000. The adversarial term stays off here (disc_start =
+    # much more faithfully, but stage 2 then generated worse from its codes (the earlier 2000-step
+    # recipe) or no better, answering place less often (2600 steps of the current one, what the
+    # hour leaves), so the demo keeps 1000. The adversarial term stays off here (disc_start =
     # max_steps): a PatchGAN needs many more steps than a CPU demo has; --disc_start N turns it on.
     "shapes": TrainConfig(
         model="shapes", data="shapes", siglip="out/shapes-teacher", out_dir="out/shapes-tokenizer",
