@@ -579,7 +579,7 @@ class UnifiedConfig:
     grid_pos_init: float = 0.02
     # An RMSNorm at the projector's output, its gain starting at projector_norm (0 = none, the
     # paper's LLaVA MLP). Trained from scratch with a small LLM (the shapes demo), the plain
-    # projector's outputs grow to ~17x the norm of the text embeddings within 1000 steps, and every
+    # projector's outputs grow to ~35x the norm of the text embeddings within 1000 steps, and every
     # code enters at its own scale; with the norm every code enters at one learned scale, and the
     # demo generates and understands far better (README: measured, the mechanism not pinned down)
     projector_norm: float = 0.0
