@@ -20,18 +20,21 @@ the KV cache, streamed as it is produced.
 import argparse
 import codecs
 import contextlib
+import itertools
 import math
 import os
+import re
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, fields, replace
 
 import torch
 from tqdm import tqdm
 
-from data import (BACKGROUNDS, HELDOUT, IMAGE_PLACEHOLDER, QUESTIONS, SIZES, TRAIN_COMBOS, BadImage,
-                  encode_chat, open_image, parse_shapes_caption, read_shapes, shapes_caption, shapes_sample,
-                  to_pil, to_tensor)
+from data import (BACKGROUNDS, HELDOUT, IMAGE_PLACEHOLDER, QUESTIONS, SHAPES_ATTRS, SIZES, TRAIN_COMBOS,
+                  BadImage, encode_chat, open_image, parse_shapes_caption, read_shapes, shapes_caption,
+                  shapes_sample, to_pil, to_tensor)
 from unified import load_pretrained, sample_logits
 
 # the shipped demo checkpoint (trained on the shapes benchmark by the README's commands)
@@ -129,6 +132,14 @@ def image_grid(images, ncol=None):
 # ----------------------------------------------------------------------------------------------
 # Image → text
 
+def not_answer_ids(enc, vocab_size, stops):
+    """Ids an answer may never contain -> sorted list: every special token but the end-of-turn ones
+    (stops; an answer is text, and e.g. <|vision_start|> would open an image), and the LLM's rows
+    past the text tokenizer's ids (Qwen: 151936 rows for 151665 tokens)."""
+    special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
+    return sorted((special - set(stops)) | set(range(enc.n_vocab, vocab_size)))
+
+
 @torch.no_grad()
 def answer(model, enc, tokenizer, image, question, max_new_tokens=64, temperature=0.0, top_k=None,
            top_p=None, generator=None, stream=None):
@@ -153,16 +164,15 @@ def answer(model, enc, tokenizer, image, question, max_new_tokens=64, temperatur
     llm.setup_cache(1, T + max_new_tokens)
 
     def text_logits(h):
-        # the LLM's vocabulary is padded past the text tokenizer's ids (Qwen: 151936 rows for 151665
-        # tokens): a row without a token is never a valid answer
-        return llm.head(h[:, -1]).float().index_fill(-1, padded_rows, float("-inf"))
+        return llm.head(h[:, -1]).float().index_fill(-1, banned, float("-inf"))
 
-    padded_rows = torch.arange(enc.n_vocab, c.llm.vocab_size, device=device)
+    stops = (end, special["<|endoftext|>"])
+    banned = torch.tensor(not_answer_ids(enc, c.llm.vocab_size, stops), dtype=torch.long, device=device)
     try:
         logits = text_logits(llm.hidden(input_embeds=x, input_pos=torch.arange(T, device=device)))
         for t in range(T, T + max_new_tokens):
             tok = int(sample_logits(logits, temperature, top_k, top_p, generator)[0])
-            if tok == end or tok in (special["<|endoftext|>"], special["<|im_start|>"]):
+            if tok in stops:
                 break
             out.append(tok)
             if stream is not None:
@@ -274,6 +284,107 @@ def format_results(r):
 
 
 # ----------------------------------------------------------------------------------------------
+# What the shapes demo understands: the words of its captions and questions, nothing else
+
+def words(text):
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def shapes_vocabulary():
+    """-> set of the lower-case words in every caption of the benchmark (each combination of
+    data.SHAPES_ATTRS through data.shapes_caption) and in its questions (data.QUESTIONS)."""
+    captions = (shapes_caption(dict(zip(SHAPES_ATTRS, values)))
+                for values in itertools.product(*SHAPES_ATTRS.values()))
+    return set(words(" ".join(itertools.chain(captions, QUESTIONS.values()))))
+
+
+def unknown_words(prompt, vocabulary):
+    """-> the prompt's words outside the vocabulary, each once, in order."""
+    return list(dict.fromkeys(w for w in words(prompt) if w not in vocabulary))
+
+
+def warn_unknown_words(prompt, model):
+    # The demo checkpoint (byte-level text) was trained on the benchmark's captions and questions
+    # only; any other word is noise to it. One line on stderr, and sampling goes on.
+    if model.config.text_tokenizer != "bytes" or not prompt:
+        return
+    unknown = unknown_words(prompt, shapes_vocabulary())
+    if unknown:
+        print(f"warning: the shapes demo never saw the word{'s' * (len(unknown) > 1)} "
+              f"{', '.join(map(repr, unknown))}; it knows only its captions and six questions "
+              "(README.md, \"What the demo understands\")", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's picture (python sample.py --figure assets/demo.png)
+
+@torch.no_grad()
+def demo_figure(model, enc, tokenizer, cfg=1.0, temperature=0.4, seed=0, scale=2):
+    """-> a PIL image of three rows of four: prompts -> generated images (the quickstart's prompt,
+    a training combination and two held-out ones), held-out images -> the model's answers to the
+    five short questions, held-out images -> the tokenizer's reconstructions. Nothing is picked
+    by hand after the fact: the prompts and images are fixed, the samples drawn with seed."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    col, gap, line = 200, 8, 13
+    dev = model.pix_codebook.device
+    size, resample = tokenizer.config.siglip.image_size, tokenizer.config.siglip.resample
+    big, half = size * scale, (col - 3 * gap) // 2  # one image per cell, or a pair
+
+    def up(x, px=big):  # (3, S, S) in [-1, 1] -> PIL, enlarged to px × px (nearest neighbour)
+        return to_pil(x.float().cpu()).resize((px, px), Image.Resampling.NEAREST)
+
+    train, held = eval_prompts("train", 36, seed), eval_prompts("heldout", len(HELDOUT), seed)
+    quick = parse_shapes_caption("a large red circle in the center on a white background")
+    prompts = [(quick, ""), (train[3], ""), (held[2], " (held-out)"), (held[5], " (held-out)")]
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    pix, _ = generate_codes(model, enc, [shapes_caption(a) for a, _ in prompts], cfg, temperature, generator=gen)
+    generated = tokenizer.decode(pix).float().cpu()
+    samples = [shapes_sample(i, seed=seed, split="heldout") for i in range(8)]
+    x = torch.stack([to_tensor(s["image"], size, resample) for s in samples])
+    recon = tokenizer.decode(tokenizer.encode(x[4:].to(dev))[0]).float().cpu()
+
+    cells = []  # per row: a title and four (images, text lines)
+    row = []
+    for (a, tag), im in zip(prompts, generated):
+        got = read_shapes(im)
+        wrong = [f"{got[k]}" for k in ATTRS if got[k] != a[k]]
+        read = "read back as asked" if not wrong else "read back: " + ", ".join(map(str, wrong))
+        row.append(([up(im)], textwrap.wrap(shapes_caption(a) + tag, 34) + [read]))
+    cells.append((f"text -> image: one sample per prompt (cfg {cfg}, temperature {temperature}, seed {seed})", row))
+    row = []
+    for s, xi in zip(samples[:4], x[:4]):
+        lines = []
+        for (q, truth), k in zip(s["qa"], QUESTIONS):
+            if k == "caption":
+                continue
+            got = answer(model, enc, tokenizer, xi, q, max_new_tokens=len(truth) + 8).strip()
+            lines.append(f"{k}? {got}" + ("" if got.lower() == truth.lower() else f"  (truth: {truth})"))
+        row.append(([up(xi)], lines))
+    cells.append(("image -> text: held-out images, the model's answers (greedy)", row))
+    row = [([up(xi, half), up(r, half)], ["real | reconstructed"]) for xi, r in zip(x[4:], recon)]
+    cells.append(("image -> codes -> image: held-out images through the tokenizer", row))
+
+    heights = [line + max(im.height for ims, _ in r for im in ims) + gap + line * max(len(t) for _, t in r) + 2 * gap for _, r in cells]
+    canvas = Image.new("RGB", (4 * col, sum(heights)), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for (title, r), h in zip(cells, heights):
+        draw.text((gap, y + 2), title, fill="black", font=font)
+        top = y + line + max(im.height for ims, _ in r for im in ims) + gap  # the text under the images
+        for i, (ims, lines) in enumerate(r):
+            w = sum(im.width for im in ims) + gap * (len(ims) - 1)
+            for j, im in enumerate(ims):
+                canvas.paste(im, (i * col + (col - w) // 2 + j * (im.width + gap), y + line + 2))
+            for k, text in enumerate(lines):
+                draw.text((i * col + gap, top + k * line), text, fill="black", font=font)
+        y += h
+        draw.line((0, y - 2, 4 * col, y - 2), fill=(200, 200, 200))
+    return canvas
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line. SampleConfig is the single source of defaults; flags are generated from it.
 
 @dataclass
@@ -293,7 +404,10 @@ class SampleConfig:
     seed: int = 0
     out: str = "samples"          # text → image: directory for the PNGs
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    threads: int = 0              # CPU threads: 0 = $OMP_NUM_THREADS if set, else 1 (one was 2.5-5x
+                                  # faster than two on a 2-core machine: EXPERIMENTS.md, "CPU threads")
     compile: bool = False         # torch.compile the LLM's decoding step
+    figure: str = ""              # write the README's picture (PNG) to this path
 
 # the flags that only make sense in one mode, to refuse them in the other
 GENERATION_ONLY = ("num_samples", "cfg", "out")
@@ -317,7 +431,11 @@ def parse_args(argv=None):
 
 
 def check_flags(cfg, given):
-    if cfg.eval:
+    if cfg.figure:
+        wrong = [k for k in ("prompt", "image", "eval") if k in given]
+        if wrong:
+            raise UsageError(f"--{wrong[0]} does not apply to --figure")
+    elif cfg.eval:
         if cfg.eval != "shapes":
             raise UsageError(f"--eval {cfg.eval!r}: the only benchmark is 'shapes'")
         wrong = [k for k in ("prompt", "image") if k in given]
@@ -339,6 +457,18 @@ def check_flags(cfg, given):
         raise UsageError("--temperature must be ≥ 0, --top_p in (0, 1], --top_k ≥ 0")
     if "cfg" in given and cfg.cfg < 0:
         raise UsageError(f"--cfg must be ≥ 0, got {cfg.cfg}")
+    if cfg.threads < 0:
+        raise UsageError(f"--threads must be ≥ 0, got {cfg.threads}")
+
+
+def cpu_threads(flag, environ=os.environ):
+    """Intra-op threads on the CPU: --threads if given, else $OMP_NUM_THREADS if set, else 1. The
+    demo's matmuls are small and sampling is sequential: a second thread is not worth its
+    synchronization, and on a busy machine it waits for a core (EXPERIMENTS.md, "CPU threads")."""
+    if flag:
+        return flag
+    env = environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else 1
 
 
 def load(ckpt, device):
@@ -356,6 +486,8 @@ def main(argv=None):
     cfg, given = parse_args(argv)
     check_flags(cfg, given)
     device = torch.device(cfg.device)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg.threads))
     model, enc, tokenizer = load(cfg.ckpt, device)
     # bf16 autocast on the GPU (the RVQ search and RMSNorm stay fp32 inside); plain fp32 on the CPU
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -373,6 +505,16 @@ def run(cfg, given, model, enc, tokenizer, device):
     cfg = replace(cfg, cfg=cfg.cfg if "cfg" in given else model.config.sample_cfg,
                   temperature=cfg.temperature if "temperature" in given else model.config.sample_temperature)
 
+    if cfg.figure:
+        t0 = time.perf_counter()
+        im = demo_figure(model, enc, tokenizer, cfg.cfg, cfg.temperature, cfg.seed)
+        if os.path.dirname(cfg.figure):
+            os.makedirs(os.path.dirname(cfg.figure), exist_ok=True)
+        im.save(cfg.figure, optimize=True)
+        print(f"{cfg.figure} ({im.width}×{im.height}, {time.perf_counter() - t0:.0f} s)")
+        return cfg.figure
+
+    warn_unknown_words(cfg.prompt, model)
     if cfg.eval:
         t0 = time.perf_counter()
         r = evaluate_shapes(model, enc, tokenizer, cfg=cfg.cfg, temperature=cfg.temperature, seed=cfg.seed,

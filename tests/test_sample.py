@@ -191,7 +191,7 @@ def test_cli_image_to_text(ckpt, tmp_path):
     (["--prompt", "x", "--cfg", "-2"], "--cfg must be ≥ 0"),
     ([], "nothing to do"),
     (["--image", "NOTIMG"], "cannot read image"),
-    (["--prompt", "x" * 500], "exceeds the model's context"),
+    (["--prompt", "a " * 250], "exceeds the model's context"),  # known words: no vocabulary warning
 ])
 def test_cli_errors_are_one_line(ckpt, tmp_path, args, message):
     (tmp_path / "notimage.png").write_bytes(b"this is not a png")
@@ -332,3 +332,75 @@ def test_evaluate_shapes_passes_its_sampling_settings(monkeypatch):
     with pytest.raises(StopIteration):
         sample.evaluate_shapes(FakeModel(), None, None, cfg=1.5, temperature=0.7, top_k=3, top_p=0.9, progress=False)
     assert seen == [(1.5, 0.7, 3, 0.9)]
+
+
+@torch.no_grad()
+def test_answer_never_contains_special_tokens(ckpt, monkeypatch):
+    # A model whose logits favour every special token but the end-of-turn ones by a wide margin
+    # (today's failure: "<|vision_start|>ree") must still answer with text only, the very text the
+    # unmodified model answers; and favouring <|im_end|> ends the answer at once.
+    _, model, tok, enc = ckpt
+    image = to_tensor(shapes_sample(5)["image"], size=32)
+    question = "What shape is in the image?"
+    plain = answer(model, enc, tok, image, question, max_new_tokens=24)
+    assert plain and "<|" not in plain
+    special = model.config.special_tokens
+    ends = {special["<|im_end|>"], special["<|endoftext|>"]}
+    others = sorted({enc.encode_single_token(t) for t in enc.special_tokens_set} - ends)
+    assert special["<|vision_start|>"] in others
+    head = model.llm.head
+
+    def favour(ids):
+        def biased(h):
+            logits = head(h).clone()
+            logits[..., ids] += 100.0
+            return logits
+        return biased
+
+    monkeypatch.setattr(model.llm, "head", favour(others))
+    assert answer(model, enc, tok, image, question, max_new_tokens=24) == plain
+    monkeypatch.setattr(model.llm, "head", favour([special["<|im_end|>"]]))
+    assert answer(model, enc, tok, image, question, max_new_tokens=24) == ""
+
+
+def test_shapes_vocabulary_is_the_benchmarks_words():
+    from data import QUESTIONS
+    from sample import shapes_vocabulary, unknown_words
+    vocab = shapes_vocabulary()
+    for i in range(50):
+        s = shapes_sample(i)
+        assert unknown_words(s["caption"], vocab) == []
+        assert all(unknown_words(q + " " + a, vocab) == [] for q, a in s["qa"])
+    assert unknown_words(" ".join(QUESTIONS.values()), vocab) == []
+    assert unknown_words("How many shapes are there? How many?", vocab) == ["how", "many", "shapes", "are", "there"]
+    assert unknown_words("A LARGE Red circle on a white background", vocab) == []
+    assert {"purple", "triangle", "bottom", "gray", "describe"} <= vocab and "cat" not in vocab
+
+
+def test_cli_warns_in_one_line_about_words_the_demo_never_saw(ckpt, tmp_path):
+    shapes_sample(1)["image"].save(tmp_path / "x.png")
+    args = ("--ckpt", ckpt[0], "--image", str(tmp_path / "x.png"), "--max_new_tokens", "4", "--device", "cpu")
+    r = run_cli(*args, "--prompt", "How many shapes are there?")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning:"), r.stderr
+    assert all(repr(w) in lines[0] for w in ("how", "many", "shapes", "are", "there"))
+    r = run_cli(*args, "--prompt", "What color is the shape?")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_cpu_threads_default_to_one_unless_set():
+    from sample import cpu_threads
+    assert cpu_threads(0, {}) == 1
+    assert cpu_threads(0, {"OMP_NUM_THREADS": "3"}) == 3
+    assert cpu_threads(0, {"OMP_NUM_THREADS": ""}) == 1
+    assert cpu_threads(2, {"OMP_NUM_THREADS": "3"}) == 2  # --threads wins
+
+
+def test_cli_figure_writes_the_demo_picture(ckpt, tmp_path):
+    r = run_cli("--ckpt", ckpt[0], "--figure", str(tmp_path / "a" / "demo.png"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    im = Image.open(tmp_path / "a" / "demo.png")
+    assert im.mode == "RGB" and im.width == 800 and im.height > 3 * 64
+    r = run_cli("--ckpt", ckpt[0], "--figure", str(tmp_path / "b.png"), "--prompt", "x", "--device", "cpu")
+    assert r.returncode == 2 and "--prompt does not apply to --figure" in r.stderr
