@@ -511,9 +511,8 @@ TOKENIZER_PRESETS = {
     "so400m-256": TokenizerConfig(
         siglip=SIGLIP_PRESETS["so400m-256"], depth=4, latent_size=16, dec_attn=(16,)),
     # the CPU demo: micro-SigLIP (8 layers, 8×8 tokens) with the taps scaled from 4/6/26 of 27 to
-    # 1/2/7 of 8; codes 8×8×4 from 256 entries; the decoder needs no resize (latent = grid = 8)
-    # and upsamples 3× to 64×64. 256 entries reconstruct nearly as well as 1024 (28.6 vs 29.1 dB
-    # after 1000 steps) and split the near-identical background patches into far fewer codes (README).
+    # 1/2/7 of 8; codes 8×8×4 from 256 entries (nearly as good as 1024, and fewer codes for the
+    # background: EXPERIMENTS.md, §7); the decoder needs no resize (latent = grid = 8), upsamples 3×.
     "shapes": TokenizerConfig(
         siglip=SIGLIP_PRESETS["shapes"], rec_layer=2, shortcut_layer=1, sem_layer=7,
         codebook_size=256, depth=4, latent_size=8, dec_in=128, dec_ch=32, dec_ch_mult=(1, 2, 2, 4),
@@ -863,14 +862,9 @@ TRAIN_PRESETS = {
         stage="teacher", model="shapes", data="shapes", out_dir="out/shapes-teacher", lr=6e-4,
         betas=(0.9, 0.95), weight_decay=1e-4, warmup=50, max_steps=600, batch_size=32, shapes_group=8,
         text_tokenizer="bytes", eval_n=512, eval_every=300, workers=0, log_every=100, ckpt_every=300),
-    # The tokenizer of the demo. Measured (1 process, batch 16): lr 3e-4 for 500 steps with the GAN
-    # from step 300 reached 25.4 dB and its small triangles and squares decoded as round blobs;
-    # lr 1e-3 for 1000 steps without the GAN 29.7 dB. With 2 processes × batch 8 (README): 28.6 dB
-    # after 1000 steps; --max_steps 2000 reaches 33.5 dB (128 entries: 31.0) and draws small shapes
-    # much more faithfully, but stage 2 then generated worse from its codes (the earlier 2000-step
-    # recipe) or no better, answering place less often (2600 steps of the current one, what the
-    # hour leaves), so the demo keeps 1000. The adversarial term stays off here (disc_start =
-    # max_steps): a PatchGAN needs many more steps than a CPU demo has; --disc_start N turns it on.
+    # The tokenizer of the demo: lr 1e-3, 1000 steps (2000 reconstruct better, but stage 2 learns
+    # their codes worse) and no GAN (disc_start = max_steps; a PatchGAN needs far more steps than a
+    # CPU demo has, --disc_start N turns it on). EXPERIMENTS.md, §7.
     "shapes": TrainConfig(
         model="shapes", data="shapes", siglip="out/shapes-teacher", out_dir="out/shapes-tokenizer",
         lr=1e-3, warmup=50, max_steps=1000, disc_start=1000, batch_size=16, text_tokenizer="bytes",

@@ -573,28 +573,23 @@ class UnifiedConfig:
     # visual positions before it — a pretrained 3B LLM learns to, a small LLM trained from scratch in
     # minutes (the shapes demo) does not; with it, the hidden state at visual position i knows i.
     grid_pos_embed: bool = False
-    # the std of its init. 0.02 (the LLM's init) starts it ~50x smaller than the normed projector
-    # outputs (RMS = projector_norm), and Adam without weight decay grows it only to ~1/10 of them
-    # in the earlier 2000-step recipe; 1.0 starts place at the scale of content (README: measured)
+    # the std of its init: 0.02 (the LLM's) leaves it ~1/10 of the normed visual inputs after
+    # training; 1.0 starts place at the scale of content (EXPERIMENTS.md, §6)
     grid_pos_init: float = 0.02
     # An RMSNorm at the projector's output, its gain starting at projector_norm (0 = none, the
-    # paper's LLaVA MLP). Trained from scratch with a small LLM (the shapes demo), the plain
-    # projector's outputs grow to ~35x the norm of the text embeddings within 1000 steps, and every
-    # code enters at its own scale; with the norm every code enters at one learned scale, and the
-    # demo generates and understands far better (README: measured, the mechanism not pinned down)
+    # paper's LLaVA MLP): every code enters at one learned scale, and a small LLM trained from
+    # scratch generates and understands far better with it (EXPERIMENTS.md, §6)
     projector_norm: float = 0.0
     # text → image sampling defaults, which sample.py uses unless given: §4.1 samples with
-    # classifier-free guidance 3; a small model trained briefly samples best with less (the shapes
-    # preset's values were chosen on training-split prompts, see README)
+    # classifier-free guidance 3; a small model trained briefly samples best with less (EXPERIMENTS.md, §3)
     sample_cfg: float = 3.0
     sample_temperature: float = 1.0
     # eq. (6)-(8) weigh text and every depth of both heads alike
     text_weight: float = 1.0
     pix_weight: float = 1.0
     sem_weight: float = 1.0
-    # weight of depths 2..D relative to depth 1 within each head (the paper: 1). The residual codes
-    # are fine detail that a caption does not determine; a small model trained from scratch learns
-    # to read the caption sooner when their noisy gradients do not dominate the LLM's (see README)
+    # weight of depths 2..D relative to depth 1 within each head (the paper: 1): residual codes are
+    # detail no caption determines, and their gradients drown the caption's (EXPERIMENTS.md, §6)
     residual_weight: float = 1.0
     # "bytes" (the demo encoding) or a directory of HF tokenizer files; None until the trainer sets it
     # (from --llm DIR for Qwen2.5). save_pretrained copies HF files into the checkpoint.
@@ -637,12 +632,9 @@ class UnifiedConfig:
 UNIFIED_PRESETS = {
     "dualtoken-3b": dict(),
     # The CPU demo: the shapes LLM (256 wide, 4 layers, byte-level text) and the codes of
-    # tokenizer.py's "shapes" preset (8×8 positions × 4 depths from 256 entries of 32-d vectors);
-    # depth heads half the LLM width and one layer deep, which is plenty for 4 slots over 256
-    # entries: with 3 layers a step costs ~12 % more and the losses were no lower (README: measured).
-    # Text weighs 4: it is one loss term against eight visual ones, mostly bytes its first one fixes,
-    # and at weight 1 the model learned to answer far more slowly than to draw (README: measured;
-    # generation no worse).
+    # tokenizer.py's "shapes" preset (8×8 positions × 4 depths from 256 entries of 32-d vectors).
+    # One-layer depth heads: as good as 3 and faster (EXPERIMENTS.md, §4); text weighs 4, or the
+    # model learns to answer far later than to draw (§5); the other values: §3, §6.
     "shapes": dict(llm=Qwen2Config.preset("shapes"), codebook_size=256, rvq_depth=4, grid=8,
                    depth_dim=128, depth_heads=4, depth_layers=1, grid_pos_embed=True, grid_pos_init=1.0,
                    residual_weight=0.1, projector_norm=1.0, text_weight=4.0, sample_cfg=1.0,
@@ -1263,10 +1255,8 @@ class TrainConfig:
 
 
 TRAIN_PRESETS = {
-    # The CPU demo on the shapes benchmark (the tokenizer is stage 1's shapes tokenizer): ~40 min on
-    # 2 cores (2 processes × batch 8), what the one-hour pipeline leaves after the teacher and the
-    # tokenizer. Every loss still falls at the end and more steps generate better (README), hence
-    # as many as fit. lr 1e-3: in side-by-side runs 2e-3, 4e-3 and 8e-3 each learned more slowly.
+    # The CPU demo on the shapes benchmark: ~37 min on 2 cores (2 processes × batch 8), what the
+    # one-hour pipeline leaves; more steps generate better and lr 1e-3 learns fastest (EXPERIMENTS.md, §4).
     "shapes": dict(model="shapes", data="shapes", n_images=100_000, batch_size=16, max_steps=3000,
                    qa_turns=3, lr=1e-3, min_lr=1e-4, warmup_steps=30, num_workers=0,
                    out_dir="out/unified-shapes", log_every=50, ckpt_every=250),
@@ -1643,8 +1633,8 @@ def input_norms(model, enc, tokenizer, n_images=64, seed=0):
     """The mean L2 norm of each kind of LLM input on n held-out shapes samples -> dict: "text" (the
     caption tokens' embeddings), "visual" (the visual projector's outputs, §3.3), "grid_pos" (the
     grid-position embedding's rows, if any), "visual_input" (what the LLM reads at an image
-    position: projector + grid position). The README's scale arguments about --projector_norm and
-    --grid_pos_init quote these."""
+    position: projector + grid position). EXPERIMENTS.md §6 quotes these for --projector_norm and
+    --grid_pos_init."""
     dev = model.pix_codebook.device
     samples = [shapes_sample(i, seed=seed, split="heldout") for i in range(n_images)]
     size, resample = tokenizer.config.siglip.image_size, tokenizer.config.siglip.resample
