@@ -283,7 +283,7 @@ def test_evaluate_shapes_scores_known_answers(monkeypatch):
 def test_shipped_checkpoint_loads_and_draws_the_default_prompt():
     # the demo checkpoint in the repository (README quickstart): strict load, its sampling defaults,
     # and the README's default prompt read back as asked by data.read_shapes in at least one of the
-    # four default samples (seed 0; the README run had three of four)
+    # four default samples (seed 0; the README's quickstart output has four of four)
     from sample import DEFAULT_CKPT
     from data import parse_shapes_caption, read_shapes
     import unified as U
@@ -317,7 +317,7 @@ def test_read_back_report_counts_images_that_match_a_benchmark_prompt(capsys):
 
 
 def test_evaluate_shapes_passes_its_sampling_settings(monkeypatch):
-    # --eval shapes --top_k/--top_p reach the sampler (the README's sampling sweep is run this way)
+    # --eval shapes --top_k/--top_p reach the sampler (EXPERIMENTS.md's sampling sweep is run this way)
     import sample
     seen = []
 
