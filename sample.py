@@ -209,11 +209,12 @@ def eval_prompts(split, n, seed=0):
 
 def read_back_accuracy(wants, images):
     """attrs dicts and images [3, H, W] -> {attr: fraction read back by data.read_shapes as wanted,
-    "all": fraction with every attribute right}."""
+    "all": fraction with every attribute right}. A shape the reader calls "unclear" is wrong; an
+    image with an extra object or stray blob is wrong on every attribute."""
     hits = {a: 0 for a in ATTRS + ("all",)}
     for want, im in zip(wants, images):
         got = read_shapes(im)
-        ok = [got[a] == want[a] for a in ATTRS]
+        ok = [got[a] == want[a] and not got["extra"] for a in ATTRS]
         for a, k in zip(ATTRS, ok):
             hits[a] += k
         hits["all"] += all(ok)
@@ -570,10 +571,13 @@ def read_back_report(prompt, images):
     except ValueError:
         return None
     got = [read_shapes(im) for im in images]
-    for i, g in enumerate(got):
-        seen = shapes_caption(g) if None not in g.values() else "no object found"
-        print(f"read back sample_{i:02d}: {seen}" + ("" if g == want else "  (differs)"))
-    k = sum(g == want for g in got)
+    as_asked = [all(g[a] == want[a] for a in want) and not g["extra"] for g in got]
+    for i, (g, ok) in enumerate(zip(got, as_asked)):
+        seen = ("no object found" if g["shape"] is None else
+                shapes_caption(dict(g, shape="unclear shape" if g["shape"] == "unclear" else g["shape"])))
+        extra = f" + {g['extra']} extra object{'s' * (g['extra'] > 1)}" if g["extra"] else ""
+        print(f"read back sample_{i:02d}: {seen}{extra}" + ("" if ok else "  (differs)"))
+    k = sum(as_asked)
     print(f"{k} of {len(got)} read back as asked")
     return k
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
@@ -135,19 +135,59 @@ def test_heldout_combinations_never_appear_in_train_split():
 
 
 def test_read_shapes_recovers_every_attribute_combination_from_pixels():
-    # every (shape, color, size, where, background), with the jitter at its extremes
-    offsets = [(-2, -2), (2, 2), (-2, 2), (2, -2), (0, 0)]
+    # every (shape, color, size, where, background), with the jitter cycling through all nine
+    # extreme/zero offsets: exactly the attributes, no extra object, a spotless background
+    offsets = [(dx, dy) for dx in (-2, 0, 2) for dy in (-2, 0, 2)]
     for k, (shape, color, size, where, bg) in enumerate(
             itertools.product(SHAPES, COLORS, SIZES, WHERES, BACKGROUNDS)):
         attrs = dict(shape=shape, color=color, size=size, where=where, background=bg)
-        assert read_shapes(render_shapes(attrs, offsets[k % len(offsets)])) == attrs
+        assert read_shapes(render_shapes(attrs, offsets[k % len(offsets)])) == dict(attrs, extra=0, bg_dirty=0.0)
     for split in ("train", "heldout"):
         for i in range(150):
             s = shapes_sample(i, seed=5, split=split)
-            assert read_shapes(s["image"]) == s["attrs"]
-    # an empty canvas has a background and nothing else
+            assert read_shapes(s["image"]) == dict(s["attrs"], extra=0, bg_dirty=0.0)
+
+
+def _rounded_square(attrs, radius):
+    """A benchmark square with corners rounded by radius x its side: neither a circle nor a square."""
+    s = data.SHAPES_SUPERSAMPLE
+    img = Image.new("RGB", (64 * s, 64 * s), BACKGROUNDS[attrs["background"]])
+    cx, cy = data.shapes_center(attrs)
+    half = SIZES[attrs["size"]] / 2
+    x0, y0, x1, y1 = (round(v * s) for v in (cx - half, cy - half, cx + half, cy + half))
+    ImageDraw.Draw(img).rounded_rectangle((x0, y0, x1 - 1, y1 - 1), radius=round(radius * (x1 - x0)),
+                                          fill=COLORS[attrs["color"]])
+    return img.resize((64, 64), Image.Resampling.LANCZOS)
+
+
+def test_read_shapes_judges_hand_made_failures_wrong():
+    want = dict(shape="circle", color="red", size="small", where="center", background="white")
+    clean = np.asarray(render_shapes(want)).copy()
+    # a stray 4x4 blue blob beside a correct object: one extra object, the background dirty
+    x = clean.copy()
+    x[6:10, 50:54] = COLORS["blue"]
+    got = read_shapes(Image.fromarray(x))
+    assert got["extra"] == 1 and got["bg_dirty"] > 0
+    assert {k: got[k] for k in want} == want  # the object itself still reads right
+    # two objects: a second, well-drawn square at the top left, 4 px from the first
+    second = np.asarray(render_shapes(dict(want, shape="square", size="small", where="top left")))
+    x = np.where((second != BACKGROUNDS["white"]).any(-1, keepdims=True), second, clean)
+    assert read_shapes(Image.fromarray(x))["extra"] == 1
+    # no object: a blank background
     blank = Image.new("RGB", (64, 64), BACKGROUNDS["gray"])
-    assert read_shapes(blank) == dict(shape=None, color=None, size=None, where=None, background="gray")
+    assert read_shapes(blank) == dict(shape=None, color=None, size=None, where=None, background="gray",
+                                      extra=0, bg_dirty=0.0)
+    # a square with corners rounded by 30 % of its side is neither circle nor square, at every
+    # size, color, background and place; rounded by 20 % it is still a square
+    for k, (color, size, where, bg) in enumerate(itertools.product(COLORS, SIZES, WHERES, BACKGROUNDS)):
+        attrs = dict(shape="square", color=color, size=size, where=where, background=bg)
+        got = read_shapes(_rounded_square(attrs, 0.3))
+        assert got == dict(attrs, shape="unclear", extra=0, bg_dirty=0.0), got
+        if k % 9 == 0:
+            assert read_shapes(_rounded_square(attrs, 0.2))["shape"] == "square"
+    # noise on the background: far more than 1 % of it is over 40/255 from the background color
+    noisy = clean + np.random.default_rng(0).normal(0, 30, clean.shape)
+    assert read_shapes(Image.fromarray(noisy.clip(0, 255).astype(np.uint8)))["bg_dirty"] > 0.01
 
 
 def test_rendered_geometry_area_and_anti_aliasing():
@@ -177,7 +217,7 @@ def test_shapes_dataset_items_and_collation():
     assert -1 <= item["image"].min() and item["image"].max() <= 1
     assert np.array_equal(np.asarray(to_pil(item["image"])), np.asarray(s["image"]))  # exact round trip
     assert item["caption"] == s["caption"] and (item["question"], item["answer"]) == s["qa"][5]
-    assert read_shapes(item["image"]) == s["attrs"]  # the tensor form reads back too
+    assert read_shapes(item["image"]) == dict(s["attrs"], extra=0, bg_dirty=0.0)  # the tensor form reads too
     assert [ds[i]["question"] for i in range(6)] == list(QUESTIONS.values())
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     assert batch["image"].shape == (4, 3, 64, 64) and len(batch["caption"]) == 4

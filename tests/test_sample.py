@@ -283,7 +283,8 @@ def test_evaluate_shapes_scores_known_answers(monkeypatch):
 def test_shipped_checkpoint_loads_and_draws_the_default_prompt():
     # the demo checkpoint in the repository (README quickstart): strict load, its sampling defaults,
     # and the README's default prompt read back as asked by data.read_shapes in at least one of the
-    # four default samples (seed 0; the README's quickstart output has four of four)
+    # four default samples (seed 0: the strict reader finds one circle and three "unclear" rounded
+    # squares; color, size, place and background right in all four, no stray blob)
     from sample import DEFAULT_CKPT
     from data import parse_shapes_caption, read_shapes
     import unified as U
@@ -296,12 +297,15 @@ def test_shipped_checkpoint_loads_and_draws_the_default_prompt():
         pix, _ = generate_codes(model, enc, [prompt] * 4, model.config.sample_cfg,
                                 model.config.sample_temperature, generator=torch.Generator().manual_seed(0))
         got = [read_shapes(im) for im in tok.decode(pix).float()]
-    assert sum(g == parse_shapes_caption(prompt) for g in got) >= 1, got
+    want = parse_shapes_caption(prompt)
+    assert all(g[k] == want[k] for g in got for k in ("color", "size", "where", "background")), got
+    assert all(g["extra"] == 0 for g in got), got
+    assert sum(g["shape"] == want["shape"] for g in got) >= 1, got
 
 
 def test_read_back_report_counts_images_that_match_a_benchmark_prompt(capsys):
     # the text → image CLI's last lines: per-image read-back and the count matching the prompt
-    from sample import read_back_report
+    from sample import ATTRS, read_back_accuracy, read_back_report
     from data import parse_shapes_caption, render_shapes
     prompt = "a large red circle in the center on a white background"
     want = parse_shapes_caption(prompt)
@@ -314,6 +318,13 @@ def test_read_back_report_counts_images_that_match_a_benchmark_prompt(capsys):
     assert out[-1] == "2 of 3 read back as asked"
     assert read_back_report("a cat on a sofa", images) is None  # not a benchmark caption: silent
     assert capsys.readouterr().out == ""
+    # a stray blob beside the right object makes the image wrong, on every attribute
+    blob = images[0].clone()
+    blob[:, 6:10, 50:54] = -1  # black
+    assert read_back_report(prompt, torch.stack([images[0], blob])) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == f"read back sample_01: {prompt} + 1 extra object  (differs)"
+    assert read_back_accuracy([want] * 2, [images[0], blob]) == {a: 0.5 for a in ATTRS + ("all",)}
 
 
 def test_evaluate_shapes_passes_its_sampling_settings(monkeypatch):
