@@ -4,6 +4,9 @@ Sample from a trained DualToken unified model (paper §3.3, §4.1).
     python sample.py --prompt "a large red circle in the center on a white background"   # text → image
     python sample.py --image x.png --prompt "What shape is in the image?"                # image → text
     python sample.py --image x.png                                                       # describe it
+    python sample.py --eval shapes                                # the benchmark table
+    python sample.py --figure assets/demo.png                     # the README's picture
+    python sample.py --reader_grid assets/reader_verdicts.png     # data.read_shapes' verdicts, to check by eye
 
 Text → image: the caption is the user turn and the assistant turn opens with <|vision_start|>; then
 grid × grid visual positions are generated one by one through the LLM's static KV cache. At each
@@ -209,15 +212,18 @@ def eval_prompts(split, n, seed=0):
 
 def read_back_accuracy(wants, images):
     """attrs dicts and images [3, H, W] -> {attr: fraction read back by data.read_shapes as wanted,
-    "all": fraction with every attribute right}. A shape the reader calls "unclear" is wrong; an
-    image with an extra object or stray blob is wrong on every attribute."""
-    hits = {a: 0 for a in ATTRS + ("all",)}
+    "all": fraction with every attribute right, "bg_dirty": the mean of read_shapes' bg_dirty (the
+    fraction of background pixels more than 40/255 from the palette background color)}. A shape the
+    reader calls "unclear" is wrong; an image with an extra object or stray blob is wrong on every
+    attribute."""
+    hits = {a: 0 for a in ATTRS + ("all", "bg_dirty")}
     for want, im in zip(wants, images):
         got = read_shapes(im)
         ok = [got[a] == want[a] and not got["extra"] for a in ATTRS]
         for a, k in zip(ATTRS, ok):
             hits[a] += k
         hits["all"] += all(ok)
+        hits["bg_dirty"] += got["bg_dirty"]
     return {a: hits[a] / max(len(wants), 1) for a in hits}
 
 
@@ -230,7 +236,8 @@ def evaluate_shapes(model, enc, tokenizer, n_prompts=36, n_images=60, cfg=3.0, t
 
     Generation: per_prompt images per fixed prompt (train combinations, and all held-out ones),
     decoded and read back by data.read_shapes; an attribute counts when the reader finds what the
-    prompt asked. (18 held-out prompts: with one image each, one prompt moves a figure 5.6 points.)
+    prompt asked; "bg_dirty" is the images' mean read_shapes bg_dirty. (18 held-out prompts: with
+    one image each, one prompt moves a figure 5.6 points.)
     Understanding: every question type on n_images held-out images, exact match after lower-casing.
     Reconstruction: n_recon held-out images encoded and decoded by the tokenizer, read back the same
     way — what generation would score with perfect codes, the tokenizer's ceiling for it.
@@ -272,9 +279,11 @@ def evaluate_shapes(model, enc, tokenizer, n_prompts=36, n_images=60, cfg=3.0, t
 
 
 def format_results(r):
-    lines = ["generation (read back from pixels)   " + "  ".join(f"{a:>10}" for a in ATTRS + ("all",))]
+    # generation rows end with the mean bg_dirty of the split's images (2 decimals: it is near 0)
+    lines = ["generation (read back from pixels)   " + "  ".join(f"{a:>10}" for a in ATTRS + ("all", "bg dirty"))]
     for split, acc in r["gen"].items():
-        lines.append(f"  {split:<35}" + "  ".join(f"{100 * acc[a]:>9.1f}%" for a in ATTRS + ("all",)))
+        lines.append(f"  {split:<35}" + "  ".join(f"{100 * acc[a]:>9.1f}%" for a in ATTRS + ("all",))
+                     + f"  {100 * acc['bg_dirty']:>9.2f}%")
     lines.append("understanding (held-out images)      " + "  ".join(f"{k:>10}" for k in r["und"]))
     lines.append(" " * 37 + "  ".join(f"{100 * v:>9.1f}%" for v in r["und"].values()))
     if "recon" in r:
@@ -317,7 +326,27 @@ def warn_unknown_words(prompt, model):
 
 
 # ----------------------------------------------------------------------------------------------
-# The README's picture (python sample.py --figure assets/demo.png)
+# Pictures: the README's (python sample.py --figure assets/demo.png) and the reader's verdicts for a
+# person to check (python sample.py --reader_grid assets/reader_verdicts.png)
+
+def enlarge(x, px):
+    """(3, S, S) in [-1, 1] -> PIL image enlarged to px × px (nearest neighbour)."""
+    from PIL import Image
+    return to_pil(x.float().cpu()).resize((px, px), Image.Resampling.NEAREST)
+
+
+def verdict(got, want):
+    """data.read_shapes' verdict on one image against the asked attrs, as a short line: "circle OK"
+    when every attribute reads as asked; else the shape it saw ("unclear": no ideal shape fits; "(x)":
+    not the asked one), the other attributes it read differently, and "+N extra" (a second object or
+    stray blob, which makes the image wrong)."""
+    if got["shape"] is None:
+        return "no object"
+    wrong = [a for a in ATTRS[1:] if got[a] != want[a]]
+    line = got["shape"] + ("" if got["shape"] == want["shape"] else " (x)")
+    line += "".join(f", {a}: {got[a]}" for a in wrong) + (f", +{got['extra']} extra" if got["extra"] else "")
+    return line + (" OK" if line == want["shape"] else "")
+
 
 @torch.no_grad()
 def demo_figure(model, enc, tokenizer, cfg=1.0, temperature=0.4, seed=0, scale=2):
@@ -333,8 +362,8 @@ def demo_figure(model, enc, tokenizer, cfg=1.0, temperature=0.4, seed=0, scale=2
     size, resample = tokenizer.config.siglip.image_size, tokenizer.config.siglip.resample
     big, half = size * scale, (col - 3 * gap) // 2  # one image per cell, or a pair
 
-    def up(x, px=big):  # (3, S, S) in [-1, 1] -> PIL, enlarged to px × px (nearest neighbour)
-        return to_pil(x.float().cpu()).resize((px, px), Image.Resampling.NEAREST)
+    def up(x, px=big):
+        return enlarge(x, px)
 
     train, held = eval_prompts("train", 36, seed), eval_prompts("heldout", len(HELDOUT), seed)
     quick = parse_shapes_caption("a large red circle in the center on a white background")
@@ -349,10 +378,8 @@ def demo_figure(model, enc, tokenizer, cfg=1.0, temperature=0.4, seed=0, scale=2
     cells = []  # per row: a title and four (images, text lines)
     row = []
     for (a, tag), im in zip(prompts, generated):
-        got = read_shapes(im)
-        wrong = [f"{got[k]}" for k in ATTRS if got[k] != a[k]]
-        read = "read back as asked" if not wrong else "read back: " + ", ".join(map(str, wrong))
-        row.append(([up(im)], textwrap.wrap(shapes_caption(a) + tag, 34) + [read]))
+        read = textwrap.wrap("read back: " + verdict(read_shapes(im), a), 34)
+        row.append(([up(im)], textwrap.wrap(shapes_caption(a) + tag, 34) + read))
     cells.append((f"text -> image: one sample per prompt (cfg {cfg}, temperature {temperature}, seed {seed})", row))
     row = []
     for s, xi in zip(samples[:4], x[:4]):
@@ -385,6 +412,50 @@ def demo_figure(model, enc, tokenizer, cfg=1.0, temperature=0.4, seed=0, scale=2
     return canvas
 
 
+# training-split captions only: the reader's thresholds may be checked on these, never on held-out ones
+GRID_CAPTIONS = (
+    "a large red circle in the center on a white background",  # the README's prompt
+    "a small blue square at the top left on a black background",
+    "a large green triangle at the bottom right on a gray background",
+    "a large yellow square on the right on a black background",
+    "a small purple circle at the bottom on a white background",
+    "a small orange triangle at the top on a gray background",
+    "a large blue circle on the left on a gray background",
+    "a large purple triangle at the bottom left on a white background",
+)
+
+
+@torch.no_grad()
+def reader_grid(model, enc, tokenizer, cfg=1.0, temperature=0.4, seed=0, scale=2, per_caption=4):
+    """-> (a PIL image, one text line per image): per_caption images for each of GRID_CAPTIONS, two
+    captions a row, each image at scale× with its verdict() beneath, for a person to judge the reader
+    by eye. Drawn as text → image draws them (one batch, seed), nothing picked after the fact."""
+    from PIL import Image, ImageDraw
+
+    wants = [parse_shapes_caption(c) for c in GRID_CAPTIONS]
+    assert all((w["color"], w["shape"], w["where"]) in set(TRAIN_COMBOS) for w in wants)
+    captions = [c for c in GRID_CAPTIONS for _ in range(per_caption)]
+    gen = torch.Generator(device=model.pix_codebook.device).manual_seed(seed)
+    pix, _ = generate_codes(model, enc, captions, cfg, temperature, generator=gen)
+    images = tokenizer.decode(pix).float().cpu()
+    side, gap, text = images.shape[-1] * scale, 4, 12
+    cell_w, row_h = side + gap, text + side + 2 * text + gap
+    canvas = Image.new("RGB", (2 * per_caption * cell_w, (len(GRID_CAPTIONS) + 1) // 2 * row_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    lines = []
+    for i, (caption, im) in enumerate(zip(captions, images)):
+        k, j = divmod(i, per_caption)  # caption k, its j-th image; two captions a row
+        x, y = (k % 2 * per_caption + j) * cell_w, k // 2 * row_h
+        if j == 0:
+            draw.text((x, y), caption[2:], fill="black")
+        canvas.paste(enlarge(im, side), (x, y + text))
+        v = verdict(read_shapes(im), wants[k])
+        draw.text((x, y + text + side + 1), v[:22], fill="black")
+        draw.text((x, y + text + side + 1 + text), v[22:44], fill="black")
+        lines.append(f"{k}.{j}  {v}")
+    return canvas, lines
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line. SampleConfig is the single source of defaults; flags are generated from it.
 
@@ -409,6 +480,7 @@ class SampleConfig:
                                   # faster than two on a 2-core machine: EXPERIMENTS.md, "CPU threads")
     compile: bool = False         # torch.compile the LLM's decoding step
     figure: str = ""              # write the README's picture (PNG) to this path
+    reader_grid: str = ""         # write the reader's verdicts on 32 generated images (PNG) to this path
 
 # the flags that only make sense in one mode, to refuse them in the other
 GENERATION_ONLY = ("num_samples", "cfg", "out")
@@ -432,10 +504,11 @@ def parse_args(argv=None):
 
 
 def check_flags(cfg, given):
-    if cfg.figure:
-        wrong = [k for k in ("prompt", "image", "eval") if k in given]
+    if cfg.figure or cfg.reader_grid:
+        mode = "figure" if cfg.figure else "reader_grid"
+        wrong = [k for k in ("prompt", "image", "eval", "figure", "reader_grid") if k in given and k != mode]
         if wrong:
-            raise UsageError(f"--{wrong[0]} does not apply to --figure")
+            raise UsageError(f"--{wrong[0]} does not apply to --{mode}")
     elif cfg.eval:
         if cfg.eval != "shapes":
             raise UsageError(f"--eval {cfg.eval!r}: the only benchmark is 'shapes'")
@@ -506,14 +579,17 @@ def run(cfg, given, model, enc, tokenizer, device):
     cfg = replace(cfg, cfg=cfg.cfg if "cfg" in given else model.config.sample_cfg,
                   temperature=cfg.temperature if "temperature" in given else model.config.sample_temperature)
 
-    if cfg.figure:
+    if cfg.figure or cfg.reader_grid:
         t0 = time.perf_counter()
-        im = demo_figure(model, enc, tokenizer, cfg.cfg, cfg.temperature, cfg.seed)
-        if os.path.dirname(cfg.figure):
-            os.makedirs(os.path.dirname(cfg.figure), exist_ok=True)
-        im.save(cfg.figure, optimize=True)
-        print(f"{cfg.figure} ({im.width}×{im.height}, {time.perf_counter() - t0:.0f} s)")
-        return cfg.figure
+        if cfg.figure:
+            path, im, lines = cfg.figure, demo_figure(model, enc, tokenizer, cfg.cfg, cfg.temperature, cfg.seed), []
+        else:
+            path, (im, lines) = cfg.reader_grid, reader_grid(model, enc, tokenizer, cfg.cfg, cfg.temperature, cfg.seed)
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        im.save(path, optimize=True)
+        print("\n".join(lines + [f"{path} ({im.width}×{im.height}, {time.perf_counter() - t0:.0f} s)"]))
+        return path
 
     warn_unknown_words(cfg.prompt, model)
     if cfg.eval:

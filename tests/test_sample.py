@@ -267,6 +267,7 @@ def test_evaluate_shapes_scores_known_answers(monkeypatch):
         acc = r["gen"][split]
         assert acc["shape"] == acc["size"] == acc["where"] == acc["background"] == 1.0
         assert acc["color"] == pytest.approx(1 - red) and acc["all"] == pytest.approx(1 - red)
+        assert acc["bg_dirty"] == 0.0  # clean renders
     assert all(v == 1.0 for v in r["und"].values())
     # reconstructions: the held-out images through encode/decode, the same red -> blue flaw
     from data import shapes_sample
@@ -278,6 +279,12 @@ def test_evaluate_shapes_scores_known_answers(monkeypatch):
     table = sample.format_results(r)
     assert "tokenizer ceiling" in table
     assert "heldout" in table and "100.0%" in table
+    # the generation rows end with the mean bg_dirty, in percent with two decimals
+    lines = table.splitlines()
+    assert lines[0].split()[-2:] == ["bg", "dirty"]
+    assert [line.split()[-1] for line in lines[1:3]] == ["0.00%", "0.00%"]
+    r["gen"]["train"]["bg_dirty"] = 0.0123
+    assert sample.format_results(r).splitlines()[1].endswith(" 1.23%")
 
 
 def test_shipped_checkpoint_loads_and_draws_the_default_prompt():
@@ -306,7 +313,7 @@ def test_shipped_checkpoint_loads_and_draws_the_default_prompt():
 def test_read_back_report_counts_images_that_match_a_benchmark_prompt(capsys):
     # the text → image CLI's last lines: per-image read-back and the count matching the prompt
     from sample import ATTRS, read_back_accuracy, read_back_report
-    from data import parse_shapes_caption, render_shapes
+    from data import parse_shapes_caption, read_shapes, render_shapes
     prompt = "a large red circle in the center on a white background"
     want = parse_shapes_caption(prompt)
     images = torch.stack([to_tensor(render_shapes(want)), to_tensor(render_shapes(dict(want, shape="square"))),
@@ -324,7 +331,10 @@ def test_read_back_report_counts_images_that_match_a_benchmark_prompt(capsys):
     assert read_back_report(prompt, torch.stack([images[0], blob])) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[1] == f"read back sample_01: {prompt} + 1 extra object  (differs)"
-    assert read_back_accuracy([want] * 2, [images[0], blob]) == {a: 0.5 for a in ATTRS + ("all",)}
+    acc = read_back_accuracy([want] * 2, [images[0], blob])
+    dirt = acc.pop("bg_dirty")  # the mean of read_shapes' bg_dirty: 0 on the clean render
+    assert acc == {a: 0.5 for a in ATTRS + ("all",)}
+    assert dirt == pytest.approx(read_shapes(blob)["bg_dirty"] / 2) and dirt > 0
 
 
 def test_evaluate_shapes_passes_its_sampling_settings(monkeypatch):
@@ -415,3 +425,30 @@ def test_cli_figure_writes_the_demo_picture(ckpt, tmp_path):
     assert im.mode == "RGB" and im.width == 800 and im.height > 3 * 64
     r = run_cli("--ckpt", ckpt[0], "--figure", str(tmp_path / "b.png"), "--prompt", "x", "--device", "cpu")
     assert r.returncode == 2 and "--prompt does not apply to --figure" in r.stderr
+
+
+def test_verdict_says_what_the_reader_saw():
+    from data import parse_shapes_caption, read_shapes, render_shapes
+    from sample import verdict
+    want = parse_shapes_caption("a large red circle in the center on a white background")
+    assert verdict(read_shapes(render_shapes(want)), want) == "circle OK"
+    got = read_shapes(render_shapes(dict(want, shape="square", where="top")))
+    assert verdict(got, want) == "square (x), where: top"
+    assert verdict(dict(got, shape="unclear", where="center", extra=2), want) == "unclear (x), +2 extra"
+    assert verdict(dict(got, shape=None), want) == "no object"
+
+
+def test_cli_reader_grid_writes_the_verdicts_picture(ckpt, tmp_path):
+    from sample import GRID_CAPTIONS
+    r = run_cli("--ckpt", ckpt[0], "--reader_grid", str(tmp_path / "a" / "v.png"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    im = Image.open(tmp_path / "a" / "v.png")
+    side = 2 * 32  # the tiny checkpoint's 32 px images at 2x
+    assert im.mode == "RGB" and im.size == (8 * (side + 4), len(GRID_CAPTIONS) // 2 * (side + 40))
+    lines = r.stdout.splitlines()
+    assert len(lines) == 4 * len(GRID_CAPTIONS) + 1 and lines[0].startswith("0.0  ")
+    assert lines[-1].startswith(str(tmp_path / "a" / "v.png"))
+    r = run_cli("--ckpt", ckpt[0], "--reader_grid", str(tmp_path / "b.png"), "--eval", "shapes", "--device", "cpu")
+    assert r.returncode == 2 and "--eval does not apply to --reader_grid" in r.stderr
+    r = run_cli("--ckpt", ckpt[0], "--reader_grid", "x.png", "--figure", "y.png", "--device", "cpu")
+    assert r.returncode == 2 and "does not apply to --figure" in r.stderr
