@@ -21,6 +21,7 @@ the shapes benchmark.
 """
 
 import io
+import itertools
 import json
 import os
 import random
@@ -171,37 +172,42 @@ SHAPES_ATTRS = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES), "
                 "background": tuple(BACKGROUNDS)}
 
 
-def shapes_group_sample(index, seed=0, group=8, split="train"):
-    """A sample of a hard-negative group, for contrastive pretraining of the micro-SigLIP teacher.
+def _combo(attrs):  # what a split is made of (SHAPES_SPLITS)
+    return attrs["color"], attrs["shape"], attrs["where"]
 
-    Samples come in groups of `group` consecutive indices. Member 0 is shapes_sample's draw for the
-    group; member m > 0 changes exactly one attribute of member 0 (attribute m − 1 mod 5, to another
-    value; the combination stays in `split`), with its own jitter. With independent samples two
-    captions in a batch almost always differ in several attributes, so the sigmoid loss is satisfied
-    by the most salient one (background, then color) and learns shape and position last, if at all
-    ("feature suppression"); a group puts, next to each image, a negative that differs in one attribute
-    only, so every attribute pays from the first step. -> the same dict as shapes_sample.
+
+def shapes_hard_negatives(attrs, k, key, split="train"):
+    """k captions that each differ from `attrs` in exactly one attribute (the combination stays in
+    `split`), for the teacher's sigmoid loss: text-only negatives, a pure function of `key`.
+
+    With independent samples two captions of a batch almost always differ in several attributes, so
+    the loss is satisfied by the most salient one (background, then color) and learns shape and place
+    last ("feature suppression"); a negative that differs in one attribute only makes every attribute
+    pay from the first step (EXPERIMENTS.md, "The semantic teacher").
     """
-    g, m = divmod(index, group)
-    base = shapes_sample(g, seed, split)
-    if m == 0:
-        return base
-    attrs = dict(base["attrs"])
-    turn, a = divmod(m - 1, len(SHAPES_ATTRS))
-    name = tuple(SHAPES_ATTRS)[a]
-    allowed = set(SHAPES_SPLITS[split])
+    rng = random.Random(f"shapes-negatives:{split}:{key}")
+    allowed, names, out = set(SHAPES_SPLITS[split]), list(SHAPES_ATTRS), []
+    while len(out) < k:
+        name = names[len(out) % len(names)]  # every attribute in turn
+        options = [v for v in SHAPES_ATTRS[name] if v != attrs[name] and _combo({**attrs, name: v}) in allowed]
+        if not options:  # every alternative of this attribute is held out: take the next attribute
+            names.remove(name)
+            continue
+        out.append(shapes_caption({**attrs, name: rng.choice(options)}))
+    return out
 
-    def combo(a):
-        return a["color"], a["shape"], a["where"]
-    options = [v for v in SHAPES_ATTRS[name] if v != attrs[name] and combo({**attrs, name: v}) in allowed]
-    if options:  # (a combination whose every alternative is held out keeps member 0's attributes)
-        # the group's members that change the same attribute take different values while there are any
-        start = random.Random(f"shapes-group:{split}:{seed}:{g}:{name}").randrange(len(options))
-        attrs[name] = options[(start + turn) % len(options)]
-    rng = random.Random(f"shapes-group:{split}:{seed}:{index}")
-    offset = (rng.randint(-SHAPES_JITTER, SHAPES_JITTER), rng.randint(-SHAPES_JITTER, SHAPES_JITTER))
-    return dict(image=render_shapes(attrs, offset), caption=shapes_caption(attrs), attrs=attrs,
-                qa=shapes_qa(attrs), offset=offset)
+
+def shapes_words(text):
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def shapes_vocabulary():
+    """-> sorted tuple of the lower-case words of every benchmark caption (every combination of
+    SHAPES_ATTRS through shapes_caption) and question (QUESTIONS): what the demo can understand, and
+    the micro-SigLIP teacher's word-level text vocabulary."""
+    captions = (shapes_caption(dict(zip(SHAPES_ATTRS, values)))
+                for values in itertools.product(*SHAPES_ATTRS.values()))
+    return tuple(sorted(set(shapes_words(" ".join(itertools.chain(captions, QUESTIONS.values()))))))
 
 
 def _nearest(palette, rgb):
@@ -333,9 +339,8 @@ class ShapesDataset(torch.utils.data.Dataset):
     question cycles through the six types with the index, so every type is equally frequent.
     """
 
-    def __init__(self, n, seed=0, split="train", group=0):
-        # group > 1: hard-negative groups of that many samples (shapes_group_sample), for the teacher
-        self.n, self.seed, self.split, self.group = n, seed, split, group
+    def __init__(self, n, seed=0, split="train"):
+        self.n, self.seed, self.split = n, seed, split
 
     def __len__(self):
         return self.n
@@ -343,10 +348,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if not 0 <= i < self.n:
             raise IndexError(i)
-        if self.group > 1:
-            s = shapes_group_sample(i, self.seed, self.group, self.split)
-        else:
-            s = shapes_sample(i, self.seed, self.split)
+        s = shapes_sample(i, self.seed, self.split)
         question, answer = s["qa"][i % len(QUESTIONS)]
         return dict(image=to_tensor(s["image"]), caption=s["caption"], question=question,
                     answer=answer, index=i)

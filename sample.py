@@ -23,10 +23,8 @@ the KV cache, streamed as it is produced.
 import argparse
 import codecs
 import contextlib
-import itertools
 import math
 import os
-import re
 import sys
 import textwrap
 import time
@@ -37,7 +35,7 @@ from tqdm import tqdm
 
 from data import (BACKGROUNDS, HELDOUT, IMAGE_PLACEHOLDER, QUESTIONS, SHAPES_ATTRS, SIZES, TRAIN_COMBOS,
                   BadImage, encode_chat, open_image, parse_shapes_caption, read_shapes, shapes_caption,
-                  shapes_sample, to_pil, to_tensor)
+                  shapes_sample, shapes_vocabulary, shapes_words, to_pil, to_tensor)
 from unified import load_pretrained, sample_logits
 
 # the shipped demo checkpoint (trained on the shapes benchmark by the README's commands)
@@ -296,21 +294,9 @@ def format_results(r):
 # ----------------------------------------------------------------------------------------------
 # What the shapes demo understands: the words of its captions and questions, nothing else
 
-def words(text):
-    return re.findall(r"[a-z]+", text.lower())
-
-
-def shapes_vocabulary():
-    """-> set of the lower-case words in every caption of the benchmark (each combination of
-    data.SHAPES_ATTRS through data.shapes_caption) and in its questions (data.QUESTIONS)."""
-    captions = (shapes_caption(dict(zip(SHAPES_ATTRS, values)))
-                for values in itertools.product(*SHAPES_ATTRS.values()))
-    return set(words(" ".join(itertools.chain(captions, QUESTIONS.values()))))
-
-
 def unknown_words(prompt, vocabulary):
     """-> the prompt's words outside the vocabulary, each once, in order."""
-    return list(dict.fromkeys(w for w in words(prompt) if w not in vocabulary))
+    return list(dict.fromkeys(w for w in shapes_words(prompt) if w not in vocabulary))
 
 
 def warn_unknown_words(prompt, model):
@@ -318,7 +304,7 @@ def warn_unknown_words(prompt, model):
     # only; any other word is noise to it. One line on stderr, and sampling goes on.
     if model.config.text_tokenizer != "bytes" or not prompt:
         return
-    unknown = unknown_words(prompt, shapes_vocabulary())
+    unknown = unknown_words(prompt, set(shapes_vocabulary()))
     if unknown:
         print(f"warning: the shapes demo never saw the word{'s' * (len(unknown) > 1)} "
               f"{', '.join(map(repr, unknown))}; it knows only its captions and six questions "

@@ -44,7 +44,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import (SHAPES_ATTRS, SHAPES_RES, ClassFolderDataset, ShapesDataset, WebDataset, expand_urls, load_text_tokenizer, parse_shapes_caption, shapes_caption, to_pil)
+from data import (SHAPES_ATTRS, SHAPES_RES, ClassFolderDataset, ShapesDataset, WebDataset, expand_urls, load_text_tokenizer,
+                  parse_shapes_caption, shapes_caption, shapes_hard_negatives, shapes_vocabulary, shapes_words, to_pil)
 from losses import LPIPS, PatchGAN, adaptive_gan_weight, generator_loss, hinge_d_loss, psnr, semantic_loss, ssim
 from rvq import ResidualVQ
 
@@ -151,12 +152,11 @@ SIGLIP_PRESETS = {
     # google/siglip2-so400m-patch16-256: 16×16 = 256 tokens, same widths and depth
     "so400m-256": SigLIPConfig(image_size=256, patch_size=16),
     # The micro-SigLIP of the shapes demo: 64×64 images, patch 8 → 8×8 tokens, 8 layers so the
-    # DualToken taps (shortcut/reconstruction/semantic) scale down to 1/2/7; text over the byte-level
-    # demo encoding (data.load_text_tokenizer("bytes"): 278 ids, padded to 512 rows), captions ≤ 65
-    # bytes.
+    # DualToken taps (shortcut/reconstruction/semantic) scale down to 1/2/7; text as word ids
+    # (text_encoder "words": 35 ids of 512 rows), captions ≤ 12 words padded to 16.
     "shapes": SigLIPConfig(
         image_size=64, patch_size=8, width=128, mlp=512, layers=8, heads=4, vocab_size=512,
-        text_len=80, text_width=128, text_mlp=512, text_layers=4, text_heads=4, embed_dim=128),
+        text_len=16, text_width=128, text_mlp=512, text_layers=4, text_heads=4, embed_dim=128),
 }
 
 
@@ -269,14 +269,16 @@ class TextTower(nn.Module):
         return self.head(self.ln_final(x)[:, -1])
 
 
-def sigmoid_loss(logits):
-    """SigLIP loss (Zhai et al. 2023, eq. 1) for matched pairs: logits (B, B), pair i ↔ i.
+def sigmoid_loss(logits, labels=None):
+    """SigLIP loss (Zhai et al. 2023, eq. 1): logits (B, B) for matched pairs i ↔ i, or (T, B) with
+    labels (T, B) in {+1, −1} (a text may describe several images of the batch, or none).
 
     Every (text, image) cell is an independent binary problem, label +1 on the diagonal and −1
-    elsewhere: −mean over rows of Σ over columns of log σ(label · logit).
+    elsewhere: −Σ over cells of log σ(label · logit), divided by the number of images.
     """
-    labels = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
-    return -F.logsigmoid(labels * logits).sum(-1).mean()
+    if labels is None:
+        labels = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / logits.shape[1]
 
 
 # HF → ours for one encoder layer (both towers); weight and bias each
@@ -335,16 +337,33 @@ class SigLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
         # Fresh weights matter only for the micro-SigLIP trained from scratch on shapes; pretrained
-        # checkpoints overwrite everything.
+        # checkpoints overwrite everything. The init is big_vision's (transformers'
+        # SiglipPreTrainedModel._init_weights): with GPT-style N(0, 0.02) everywhere the MAP head's
+        # probe and keys start at a saddle and the micro teacher did not learn where the shape is
+        # (EXPERIMENTS.md, "The semantic teacher").
         self.apply(self._init_weights)
-        for p in (self.vision.pos_embed, self.text.pos_embed, self.vision.head.probe):
-            nn.init.normal_(p, std=0.02)
+        for p in (self.vision.pos_embed, self.text.pos_embed):
+            nn.init.normal_(p, std=p.shape[1] ** -0.5)
+        nn.init.xavier_uniform_(self.vision.head.probe)
+        nn.init.xavier_uniform_(self.vision.head.in_proj.weight)
 
     @staticmethod
     def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if getattr(m, "bias", None) is not None:
+        if isinstance(m, (Attention, MLP)):  # xavier-uniform projections
+            for lin in m.children():
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.normal_(lin.bias, std=1e-6 if isinstance(m, MLP) else 0.0)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=m.weight.shape[1] ** -0.5)
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            # LeCun normal as jax: a normal truncated at ±2 std, its std corrected for the cut, drawn
+            # by the inverse CDF (no rejection loop, so it also runs on fake tensors). apply() visits
+            # children first, so the Attention/MLP branch above overwrites this for their projections.
+            std = m.weight[0].numel() ** -0.5 / 0.87962566103423978
+            cdf = (1 + math.erf(-2 / math.sqrt(2))) / 2  # Φ(−2)
+            with torch.no_grad():
+                m.weight.uniform_(2 * cdf - 1, 1 - 2 * cdf).erfinv_().mul_(std * math.sqrt(2))
+            if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
     def vision_hidden_states(self, pixels):
@@ -368,12 +387,13 @@ class SigLIP(nn.Module):
         # (B, T) -> (B, D), not normalized
         return self.text(ids)
 
-    def forward(self, pixels, ids):
-        """Matched image/text batches -> (logits (B_text, B_image), sigmoid loss)."""
+    def forward(self, pixels, ids, labels=None):
+        """Images (B, …) and texts (T, …) -> (logits (T, B), sigmoid loss); texts matched one to one
+        with the images when labels (T, B) is None."""
         img = F.normalize(self.encode_image(pixels), dim=-1)
         txt = F.normalize(self.encode_text(ids), dim=-1)
         logits = txt @ img.t() * self.logit_scale.exp() + self.logit_bias
-        return logits, sigmoid_loss(logits)
+        return logits, sigmoid_loss(logits, labels)
 
     def preprocess(self, images):
         # PIL images -> (B, 3, S, S) in [-1, 1]: resize the whole image to S×S (no crop) with the
@@ -831,7 +851,7 @@ class TrainConfig:
     eval_data: str = ""          # class-folder set (ImageNet val layout) for real-data eval and zero-shot
     class_names: str = ""        # class-name file for eval_data (data.ClassFolderDataset); "" = folder names
     prompt: str = "a photo of a {}."  # zero-shot prompt template for eval_data
-    text_tokenizer: str = ""     # "bytes" (shapes), or an HF tokenizer directory; "" = the --siglip directory
+    text_tokenizer: str = ""     # "words" (shapes), "bytes", or an HF tokenizer directory; "" = the --siglip directory
     eval_n: int = 50000          # images per evaluation (ImageNet val: all 50k), spread over the set
     eval_every: int = 5000
     # --- system and logging
@@ -840,7 +860,7 @@ class TrainConfig:
     compile: bool = False
     grad_checkpointing: bool = False  # activation checkpointing of the ViT blocks (so400m at batch 32)
     workers: int = 4             # DataLoader workers per process
-    shapes_group: int = 0        # --data shapes: hard-negative groups of this size (data.shapes_group_sample)
+    hard_negatives: int = 0      # teacher stage: captions per image that differ in one attribute (data.shapes_hard_negatives)
     seed: int = 0
     log_every: int = 100
     ckpt_every: int = 5000
@@ -849,25 +869,20 @@ class TrainConfig:
 TRAIN_PRESETS = {
     "so400m": TrainConfig(),
     "so400m-256": TrainConfig(model="so400m-256"),
-    # The CPU demo, a few minutes per stage on two cores (torchrun --nproc_per_node 2). The teacher is
-    # the shapes micro-SigLIP trained from scratch with the sigmoid loss (β2 = 0.95 as in Zhai et al.),
-    # on hard-negative groups of 8 (data.shapes_group_sample). What we measured: with independent
-    # samples it learns the background (the attribute that fills the image) in ~600 steps, color in
-    # ~1500 and shape not in 3000 — the loss settles on the easiest feature ("feature suppression").
-    # The groups do not fix it in 600 steps: its text tower, which pools the last of 80 byte
-    # positions, stays close to one output for all captions (a probe measured the spread of its
-    # embeddings at a sixth of the image tower's). The tokenizer then starts from it; captions use the
-    # bytes encoding, data is an endless stream of fresh samples.
+    # The CPU demo (torchrun --nproc_per_node 2). The teacher is the shapes micro-SigLIP trained from
+    # scratch with the sigmoid loss (β2 = 0.95 as in Zhai et al.), big_vision's init, word-level
+    # captions and 5 text negatives per image that each differ in one attribute; it is trained once
+    # and shipped, like a pretrained SigLIP (EXPERIMENTS.md, "The semantic teacher").
     "shapes-teacher": TrainConfig(
-        stage="teacher", model="shapes", data="shapes", out_dir="out/shapes-teacher", lr=6e-4,
-        betas=(0.9, 0.95), weight_decay=1e-4, warmup=50, max_steps=600, batch_size=32, shapes_group=8,
-        text_tokenizer="bytes", eval_n=512, eval_every=300, workers=0, log_every=100, ckpt_every=300),
+        stage="teacher", model="shapes", data="shapes", out_dir="out/shapes-teacher", lr=1e-3, min_lr=1e-4,
+        betas=(0.9, 0.95), weight_decay=1e-4, warmup=100, max_steps=6000, batch_size=32, hard_negatives=5,
+        text_tokenizer="words", eval_n=512, eval_every=500, workers=0, log_every=100, ckpt_every=250),
     # The tokenizer of the demo: lr 1e-3, 1000 steps (2000 reconstruct better, but stage 2 learns
     # their codes worse) and no GAN (disc_start = max_steps; a PatchGAN needs far more steps than a
     # CPU demo has, --disc_start N turns it on). EXPERIMENTS.md, §7.
     "shapes": TrainConfig(
         model="shapes", data="shapes", siglip="out/shapes-teacher", out_dir="out/shapes-tokenizer",
-        lr=1e-3, warmup=50, max_steps=1000, disc_start=1000, batch_size=16, text_tokenizer="bytes",
+        lr=1e-3, warmup=50, max_steps=1000, disc_start=1000, batch_size=16, text_tokenizer="words",
         eval_n=512, eval_every=500, workers=0, log_every=50, ckpt_every=500),
 }
 
@@ -1009,8 +1024,10 @@ def check_inputs(cfg):
         if cfg.data != "shapes":
             raise UsageError("--stage teacher pretrains the micro-SigLIP of the shapes demo (--data shapes); "
                              "at full scale pass a pretrained SigLIP directory with --siglip")
-        if cfg.resume:
-            raise UsageError("--resume applies to the tokenizer stage; the teacher stage takes minutes, rerun it")
+        if cfg.resume and not os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
+            raise UsageError(f"--resume: no teacher checkpoint (train_state.pt) in --out_dir {cfg.out_dir}")
+        if cfg.hard_negatives < 0:
+            raise UsageError("--hard_negatives must be 0 or more")
         if cfg.batch_size < 2:
             raise UsageError("--stage teacher needs --batch_size ≥ 2: the sigmoid loss needs negatives")
         return
@@ -1086,7 +1103,7 @@ def train_loader(cfg, env, size, resample, start):
     if cfg.data == "shapes":
         if size != SHAPES_RES:
             raise UsageError(f"--data shapes renders {SHAPES_RES}×{SHAPES_RES} images; this model takes {size}")
-        ds = ShapesDataset(2 ** 62, seed=cfg.seed, group=cfg.shapes_group)  # fresh samples, no epochs
+        ds = ShapesDataset(2 ** 62, seed=cfg.seed)  # fresh samples, no epochs
         sampler = _Stream(start, env.rank, env.world, cfg.batch_size)
         loader = torch.utils.data.DataLoader(ds, cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                                              generator=gen)
@@ -1104,6 +1121,16 @@ def text_encoder(cfg, text_len):
     """-> encode(list of str) -> ids (B, text_len) long, padded as SigLIP is trained: to a fixed length
     (HF processor padding="max_length"), because the text tower pools the last position."""
     name = cfg.text_tokenizer or cfg.siglip
+    if name == "words":
+        # the shapes teacher's text: one id per word of the benchmark's vocabulary (data.shapes_vocabulary),
+        # 0 = padding, the last id = any other word. Short sequences make the last position, which SigLIP
+        # pools, cheap to reach (EXPERIMENTS.md, "The semantic teacher").
+        vocab = {w: i + 1 for i, w in enumerate(shapes_vocabulary())}
+
+        def encode(texts):
+            rows = [[vocab.get(w, len(vocab) + 1) for w in shapes_words(t)][:text_len] for t in texts]
+            return torch.tensor([r + [0] * (text_len - len(r)) for r in rows], dtype=torch.long)
+        return encode
     if name == "bytes":
         enc = load_text_tokenizer("bytes")
         pad = enc.encode_single_token("<|endoftext|>")  # 256
@@ -1524,48 +1551,70 @@ def train_tokenizer(cfg, env):
     pbar.close()
 
 
+def teacher_batch(batch, cfg, encode, step, rank):
+    """A shapes batch -> (images (B, 3, S, S), text ids (T, L), labels (T, B) in {+1, −1}): the B
+    captions, then cfg.hard_negatives captions per image that differ in one attribute
+    (data.shapes_hard_negatives, keyed by step and rank so a resumed run draws the same). A text is a
+    positive for every image of the batch it describes (two images may share a caption)."""
+    captions = list(batch["caption"])
+    for i, c in enumerate(batch["caption"]):
+        captions += shapes_hard_negatives(parse_shapes_caption(c), cfg.hard_negatives, key=f"{cfg.seed}:{step}:{rank}:{i}")
+    index = {c: j for j, c in enumerate(dict.fromkeys(captions))}
+    ids = torch.tensor([index[c] for c in captions])
+    labels = 2.0 * (ids[:, None] == ids[None, :len(batch["caption"])]).float() - 1
+    return batch["image"], encode(captions), labels
+
+
 def train_teacher(cfg, env):
     """The shapes demo's semantic teacher: the `shapes` micro-SigLIP trained from scratch on the
     benchmark's images and captions with the sigmoid loss, saved with SigLIP.save_pretrained so the
-    tokenizer stage loads it exactly as it loads a pretrained SigLIP at full scale."""
+    tokenizer stage loads it exactly as it loads a pretrained SigLIP at full scale. Resumable."""
     log = tqdm.write if env.master else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
     scfg = TOKENIZER_PRESETS[cfg.model].siglip
     model = SigLIP(scfg).to(env.device).train()
     # SigLIP starts the bias at b = −10 so that training starts near the prior (Zhai et al. 2023):
     # at their 32k batch a pair is positive with odds 1 : 32767, log ≈ −10.4. Each rank here scores
-    # its own batch of B, odds 1 : (B − 1). Starting from −10 the cheapest first move is to collapse
-    # every embedding onto one direction until the logits reach that prior, which the micro model
-    # then spends hundreds of steps undoing; so start at the prior of our batch instead.
+    # its own B images against B·(1 + hard_negatives) texts; start at that prior instead, or the
+    # cheapest first move is to collapse every embedding onto one direction.
     with torch.no_grad():
-        model.logit_bias.fill_(-math.log(cfg.batch_size - 1))
-    encode = text_encoder(replace(cfg, text_tokenizer="bytes"), scfg.text_len)
+        model.logit_bias.fill_(-math.log(cfg.batch_size * (1 + cfg.hard_negatives) - 1))
+    encode = text_encoder(cfg, scfg.text_len)
     opt = make_optimizer(model, cfg, env.device.type == "cuda")
-    torch.manual_seed(cfg.seed + env.rank)
+    start = 0
+    if cfg.resume:
+        model.load_state_dict(SigLIP.from_pretrained(cfg.out_dir).state_dict())
+        state = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), map_location="cpu", weights_only=True)
+        if state.get("format") != TRAIN_STATE_FORMAT or state.get("stage") != "teacher":
+            raise UsageError(f"{cfg.out_dir}/train_state.pt is not a teacher {TRAIN_STATE_FORMAT} file")
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
     fwd = torch.compile(model) if cfg.compile else model
     if env.ddp:
         # Each rank computes the sigmoid loss over its own batch (its own negatives). SigLIP's
         # chunked variant would also pass text embeddings between ranks; this small world needs no more.
         ids = [env.device.index] if env.device.type == "cuda" else None
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=ids)
-    _, batches = train_loader(cfg, env, scfg.image_size, scfg.resample, 0)
+    _, batches = train_loader(cfg, env, scfg.image_size, scfg.resample, start * cfg.grad_accum)
     if env.master:
-        eval_set = eval_dataset(cfg, scfg.image_size, scfg.resample)
+        eval_sets = {"train split, unseen seed": eval_dataset(cfg, scfg.image_size, scfg.resample),
+                     "held-out combinations": ShapesDataset(cfg.eval_n, seed=cfg.seed + 1, split="heldout")}
     log(f"teacher: micro-SigLIP {scfg.layers}+{scfg.text_layers} layers, width {scfg.width}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; captions as bytes padded "
-        f"with <|endoftext|> to {scfg.text_len}; {env.world} process(es) on {env.device}")
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; captions as {cfg.text_tokenizer} "
+        f"padded to {scfg.text_len}, {cfg.hard_negatives} one-attribute negatives per image; "
+        f"{env.world} process(es) on {env.device}" + (f"; resumed at step {start}" if start else ""))
     imgs_per_step = cfg.batch_size * cfg.grad_accum * env.world
-    t0, t_step = time.time(), 0
-    for step in tqdm(range(1, cfg.max_steps + 1), disable=not env.master, dynamic_ncols=True, mininterval=2):
+    t0, t_step = time.time(), start
+    for step in tqdm(range(start + 1, cfg.max_steps + 1), disable=not env.master, dynamic_ncols=True,
+                     mininterval=2, initial=start, total=cfg.max_steps):
         lr = lr_at(cfg, step - 1)
         for g in opt.param_groups:
             g["lr"] = lr
         for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            x, ids_ = batch["image"].to(env.device), encode(batch["caption"]).to(env.device)
+            x, ids_, labels = teacher_batch(next(batches), cfg, encode, step * cfg.grad_accum + micro, env.rank)
             last = micro == cfg.grad_accum - 1
             with (fwd.no_sync() if env.ddp and not last else nullcontext()), env.ctx:
-                _, loss = fwd(x, ids_)
+                _, loss = fwd(x.to(env.device), ids_.to(env.device), labels.to(env.device))
                 (loss / cfg.grad_accum).backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -1578,12 +1627,21 @@ def train_teacher(cfg, env):
             t0, t_step = time.time(), step
         if env.master and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             t_aside = time.time()
-            acc = siglip_zero_shot(model, cfg, env, eval_set, encode)
-            log(f"step {step} | zero-shot on {len(eval_set)} images: " +
-                "  ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()))
+            for name, eval_set in eval_sets.items():
+                acc = siglip_zero_shot(model, cfg, env, eval_set, encode)
+                log(f"step {step} | zero-shot on {len(eval_set)} images ({name}): " +
+                    "  ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()))
             t0 += time.time() - t_aside
         if env.master and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
-            model.save_pretrained(cfg.out_dir)
+            tmp = os.path.join(cfg.out_dir, ".checkpoint.tmp")
+            model.save_pretrained(tmp)
+            torch.save({"format": TRAIN_STATE_FORMAT, "stage": "teacher", "step": step, "config": asdict(cfg),
+                        "optimizer": opt.state_dict()}, os.path.join(tmp, "train_state.pt"))
+            for f in os.listdir(tmp):
+                os.replace(os.path.join(tmp, f), os.path.join(cfg.out_dir, f))
+            os.rmdir(tmp)
+        if env.ddp and step % cfg.ckpt_every == 0:
+            dist.barrier()
     log(f"saved the teacher SigLIP to {cfg.out_dir}; next: python tokenizer.py --preset shapes --siglip {cfg.out_dir}")
 
 

@@ -57,32 +57,25 @@ def test_shapes_sample_is_a_pure_function_of_seed_index_split():
     assert out[1].strip() == a["caption"]
 
 
-def test_group_samples_differ_from_their_anchor_in_one_attribute():
-    # hard-negative groups for the teacher: member m > 0 changes attribute (m − 1) mod 5 of member 0,
-    # members changing the same attribute take different values, combinations stay in the split
-    group, attrs = 8, list(data.SHAPES_ATTRS)
+def test_hard_negatives_differ_from_their_caption_in_one_attribute():
+    # the teacher's text-only negatives: each changes exactly one attribute, attributes take turns,
+    # the combination stays in the split, and the draw is a pure function of the key
+    attrs = list(data.SHAPES_ATTRS)
     for split, combos in data.SHAPES_SPLITS.items():
-        for g in range(40):
-            members = [data.shapes_group_sample(g * group + m, seed=2, group=group, split=split)
-                       for m in range(group)]
-            anchor = members[0]["attrs"]
-            assert members[0]["caption"] == shapes_sample(g, seed=2, split=split)["caption"]
-            for m, s in enumerate(members[1:], start=1):
-                a = s["attrs"]
-                assert (a["color"], a["shape"], a["where"]) in combos
-                changed = [k for k in attrs if a[k] != anchor[k]]
-                assert changed in ([attrs[(m - 1) % 5]], [])  # [] only when every alternative is held out
-                assert s["caption"] == shapes_caption(a)
-            # members that change the same attribute change it to different values while any remain
-            for k in ("shape", "color"):
-                vals = [s["attrs"][k] for s in members[1:] if s["attrs"][k] != anchor[k]]
-                options = [v for v in data.SHAPES_ATTRS[k] if v != anchor[k] and
-                           tuple({**anchor, k: v}[n] for n in ("color", "shape", "where")) in combos]
-                assert len(set(vals)) == min(len(vals), len(options))
-    assert sum(data.shapes_group_sample(i, group=8)["attrs"] != shapes_sample(i // 8)["attrs"]
-               for i in range(80) if i % 8) >= 60
-    ds = data.ShapesDataset(16, group=8)
-    assert ds[9]["caption"] == data.shapes_group_sample(9, group=8)["caption"]
+        for i in range(60):
+            a = shapes_sample(i, seed=2, split=split)["attrs"]
+            negs = data.shapes_hard_negatives(a, 7, key=i, split=split)
+            assert negs == data.shapes_hard_negatives(a, 7, key=i, split=split)
+            changed = []
+            for c in negs:
+                b = data.parse_shapes_caption(c)
+                assert (b["color"], b["shape"], b["where"]) in combos
+                diff = [k for k in attrs if a[k] != b[k]]
+                assert len(diff) == 1
+                changed.append(diff[0])
+            # train: every attribute takes its turn; a held-out combination changes only size and
+            # background, as any other change leaves the held-out split
+            assert set(changed[:5]) == (set(attrs) if split == "train" else {"size", "background"})
 
 
 def test_shapes_sample_follows_the_spec():

@@ -86,15 +86,17 @@ def test_cfg_scale_one_is_conditional_and_zero_is_unconditional(ckpt):
     _, model, _, enc = ckpt
     cap = ["a large green triangle on the left on a black background"]
 
-    def run(captions, cfg):
+    def run(captions, cfg, seed=3):
         return generate_codes(model, enc, captions, cfg=cfg, temperature=1.0,
-                              generator=torch.Generator().manual_seed(3))
+                              generator=torch.Generator().manual_seed(seed))
 
     cond, uncond, one, zero = run(cap, None), run([""], None), run(cap, 1.0), run(cap, 0.0)
     assert torch.equal(one[0], cond[0]) and torch.equal(one[1], cond[1])
     assert torch.equal(zero[0], uncond[0]) and torch.equal(zero[1], uncond[1])
-    # and guidance matters: scale 3 differs from both (a random model's cond/uncond logits differ)
-    assert not torch.equal(run(cap, 3.0)[0], cond[0])
+    # and guidance matters: scale 3 draws other codes than the conditional model somewhere (a random
+    # model's cond/uncond logits differ only a little, so a few draws are compared)
+    assert any(not torch.equal(a, b) for seed in range(3, 7)
+               for a, b in zip(run(cap, 3.0, seed), run(cap, None, seed)))
 
 
 @torch.no_grad()
@@ -385,8 +387,8 @@ def test_answer_never_contains_special_tokens(ckpt, monkeypatch):
 
 
 def test_shapes_vocabulary_is_the_benchmarks_words():
-    from data import QUESTIONS
-    from sample import shapes_vocabulary, unknown_words
+    from data import QUESTIONS, shapes_vocabulary
+    from sample import unknown_words
     vocab = shapes_vocabulary()
     for i in range(50):
         s = shapes_sample(i)
@@ -395,7 +397,8 @@ def test_shapes_vocabulary_is_the_benchmarks_words():
     assert unknown_words(" ".join(QUESTIONS.values()), vocab) == []
     assert unknown_words("How many shapes are there? How many?", vocab) == ["how", "many", "shapes", "are", "there"]
     assert unknown_words("A LARGE Red circle on a white background", vocab) == []
-    assert {"purple", "triangle", "bottom", "gray", "describe"} <= vocab and "cat" not in vocab
+    assert {"purple", "triangle", "bottom", "gray", "describe"} <= set(vocab) and "cat" not in vocab
+    assert list(vocab) == sorted(set(vocab))  # sorted, once each: the teacher's word ids
 
 
 def test_cli_warns_in_one_line_about_words_the_demo_never_saw(ckpt, tmp_path):

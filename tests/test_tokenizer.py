@@ -109,7 +109,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
     ours.save_pretrained(str(tmp_path))
     assert T.SigLIPConfig.from_hf(cfg.to_hf(), cfg.resample) == cfg
     hf = SiglipModel.from_pretrained(str(tmp_path)).eval()
-    check_parity(ours, hf, 64, 512, 80)
+    check_parity(ours, hf, 64, 512, cfg.text_len)
     again = T.SigLIP.from_pretrained(str(tmp_path))
     assert again.config == cfg
     for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
