@@ -493,9 +493,9 @@ class SigLIP(nn.Module):
 @dataclass(frozen=True)
 class TokenizerConfig:
     # Defaults: the paper's tokenizer, official config model_config_siglip_384_rvq8.
-    # Table 3 ablations: "Recon.(26) + Sem.(26)" (joint at the deep layer) is rec_layer = sem_layer
-    # = 26 with shortcut_weight = 0; "Recon.(6)" alone is the default model trained with semantic
-    # weight 0 (a training setting, not an architecture one).
+    # Table 3 ablations: "Recon.(26) + Sem.(26)" is joint = True: one codebook at sem_layer whose
+    # codes both feed the decoder and replace the hidden state (VILA-U style); "Recon.(6)" alone is
+    # the default model trained with semantic weight 0 (a training setting, not an architecture one).
     siglip: SigLIPConfig = field(default_factory=SigLIPConfig)
     rec_layer: int = 6           # §3.2: reconstruction supervises layers 1–6 (HF hidden_states[6])
     shortcut_layer: int = 4      # official: + shortcut_weight × a projection of layer 4's output
@@ -511,6 +511,7 @@ class TokenizerConfig:
     dec_ch_mult: tuple = (1, 1, 4, 4, 8)  # per level, shallowest first: len − 1 upsamplings
     dec_res_blocks: int = 2      # taming's num_res_blocks: the decoder runs num_res_blocks + 1 per level
     dec_attn: tuple = (24,)      # resolutions with self-attention (the latent's)
+    joint: bool = False          # Table 3(b): no pixel branch; the decoder reads the semantic codes
 
     @property
     def output_size(self):
@@ -682,10 +683,13 @@ class DualTokenizer(nn.Module):
         self.config = config
         self.siglip = siglip if siglip is not None else SigLIP(s)
         D = s.width
-        # pixel branch: rec_layer (+ shortcut) → RVQ(pix) → post-quant → resize → ResNet → decoder
-        self.pix_pre = Projection(D, c.code_dim)
+        # pixel branch: rec_layer (+ shortcut) → RVQ(pix) → post-quant → resize → ResNet → decoder.
+        # Table 3(b) (joint) has no pixel codebook: the post-quant projection reads the semantic codes.
+        if c.joint and (c.rec_layer != c.sem_layer or c.shortcut_weight):
+            raise ValueError("joint (Table 3(b)) reconstructs from sem_layer: rec_layer = sem_layer, shortcut_weight = 0")
+        self.pix_pre = None if c.joint else Projection(D, c.code_dim)
         self.pix_short = Projection(D, c.code_dim) if c.shortcut_weight else None
-        self.pix_rvq = ResidualVQ(c.code_dim, c.codebook_size, c.depth, decay=c.decay)
+        self.pix_rvq = None if c.joint else ResidualVQ(c.code_dim, c.codebook_size, c.depth, decay=c.decay)
         self.pix_post = Projection(c.code_dim, D)
         self.post_quant = ResBlock(D, c.dec_in, k1=1)
         self.decoder = Decoder(c)
@@ -720,8 +724,10 @@ class DualTokenizer(nn.Module):
             h = self._block(block, h)
             if i == c.shortcut_layer and self.pix_short is not None:
                 short = self.pix_short(h)  # (B, N, code_dim)
-            if i == c.rec_layer:
+            if i == c.rec_layer and not c.joint:
                 pix = self.pix_pre(h)      # (B, N, code_dim)
+        if c.joint:
+            return None, h
         if self.pix_short is not None:
             pix = pix + c.shortcut_weight * short
         return pix.unflatten(1, (g, g)), h
@@ -731,8 +737,11 @@ class DualTokenizer(nn.Module):
         c, vision = self.config, self.siglip.vision
         g = c.siglip.grid
         pix, f_sem = self.features(images)
-        zq_pix, pix_codes, commit_pix = self.pix_rvq(pix)  # (B, h, w, code_dim), (B, h, w, depth)
         zq_sem, sem_codes, commit_sem = self.sem_rvq(self.sem_pre(f_sem).unflatten(1, (g, g)))
+        if c.joint:  # Table 3(b): one set of codes for both objectives, one commitment term
+            zq_pix, pix_codes, commit_pix = zq_sem, sem_codes, torch.zeros_like(commit_sem)
+        else:
+            zq_pix, pix_codes, commit_pix = self.pix_rvq(pix)  # (B, h, w, code_dim), (B, h, w, depth)
         # §3.2: the quantized semantics replace the layer-26 hidden state and feed the rest of the
         # ViT and the MAP head, so the pooled embedding is computed from the semantic codes.
         sem = self.sem_post(zq_sem).flatten(1, 2)  # (B, N, D)
@@ -759,7 +768,8 @@ class DualTokenizer(nn.Module):
         """images (B, 3, S, S) in [-1, 1] -> (pix_codes, sem_codes), each (B, h, w, depth) long."""
         g = self.config.siglip.grid
         pix, f_sem = self.features(images)
-        return _codes(self.pix_rvq, pix), _codes(self.sem_rvq, self.sem_pre(f_sem).unflatten(1, (g, g)))
+        sem = _codes(self.sem_rvq, self.sem_pre(f_sem).unflatten(1, (g, g)))
+        return (sem if self.config.joint else _codes(self.pix_rvq, pix)), sem
 
     def decode_latent(self, z):
         # quantized pixel features (B, h, w, code_dim) -> (B, 3, H, W), not clamped (training)
@@ -773,7 +783,12 @@ class DualTokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, pix_codes):
         """pix_codes (B, h, w, depth) -> images (B, 3, H, W) in [-1, 1]."""
-        return self.decode_latent(self.pix_rvq.decode(pix_codes)).clamp(-1, 1)
+        return self.decode_latent(self.pix_quantizer.decode(pix_codes)).clamp(-1, 1)
+
+    @property
+    def pix_quantizer(self):
+        # the codebook of the pixel codes: the semantic one in Table 3(b) (joint)
+        return self.sem_rvq if self.config.joint else self.pix_rvq
 
     def save_pretrained(self, path, dtype=None):
         """config.json + model.safetensors, from this (unwrapped) module: no DDP/compile prefixes.
@@ -986,7 +1001,8 @@ def check_config(cfg):
     if cfg.eval and cfg.stage == "teacher":  # would otherwise retrain and overwrite the teacher
         raise UsageError("--eval evaluates a tokenizer checkpoint; the teacher stage reports its own zero-shot")
     if cfg.ablation == "joint":
-        # Table 3(b): reconstruction read from the semantic layer itself, no shallow shortcut
+        # Table 3(b): reconstruction and semantics through one codebook at the semantic layer, no
+        # shallow shortcut (TokenizerConfig.joint)
         sem = cfg.sem_layer if cfg.sem_layer is not None else TOKENIZER_PRESETS[cfg.model].sem_layer
         if cfg.rec_layer not in (None, sem) or cfg.shortcut_weight not in (None, 0.0):
             raise UsageError("--ablation joint sets rec_layer = sem_layer and shortcut_weight = 0; "
@@ -1004,7 +1020,7 @@ def tokenizer_config(cfg, siglip_config):
     """The model preset around the checkpoint's backbone, with the ablation switches applied."""
     c = replace(TOKENIZER_PRESETS[cfg.model], siglip=siglip_config)
     c = replace(c, **{k: getattr(cfg, k) for k in ("rec_layer", "sem_layer", "shortcut_weight", "codebook_size")
-                      if getattr(cfg, k) is not None})
+                      if getattr(cfg, k) is not None}, joint=cfg.ablation == "joint")
     try:  # DualTokenizer checks the taps against the backbone; on meta that costs no memory
         with torch.device("meta"):
             DualTokenizer(c)
@@ -1238,7 +1254,7 @@ def evaluate(model, teacher, dataset, tasks, env, cfg, lpips=None, png_dir=None,
         if lpips is not None:
             sums["lpips"] += lpips(recon, x).sum().item()
         for branch, codes in (("pix", out.pix_codes), ("sem", out.sem_codes)):
-            counts[branch] = counts[branch] + torch.bincount(codes.flatten(), minlength=model.pix_rvq.codebook_size)
+            counts[branch] = counts[branch] + torch.bincount(codes.flatten(), minlength=model.sem_rvq.codebook_size)
         for t, (classifier, labels) in tasks.items():
             y = labels(batch).to(env.device)
             pred = (F.normalize(out.pooled.float(), dim=-1) @ classifier.t()).argmax(-1)
@@ -1519,7 +1535,7 @@ def train_tokenizer(cfg, env):
             dt = time.time() - t0
             cos = F.cosine_similarity(out.sem.float(), f0.float(), dim=-1).mean().item()
             cos_p = F.cosine_similarity(out.pooled.float(), p0.float(), dim=-1).mean().item()
-            up, us = model.pix_rvq.usage(out.pix_codes), model.sem_rvq.usage(out.sem_codes)
+            up, us = model.pix_quantizer.usage(out.pix_codes), model.sem_rvq.usage(out.sem_codes)
             line = (f"step {step} | loss {loss.item():.4f} | mse {mse.item():.4f} "
                     f"lpips {lp.item() if lpips is not None else 'off'} | sem {sem.item():.4f} "
                     f"pool {pool.item():.4f} cos {cos:.4f}/{cos_p:.4f} | commit {out.commit_pix.item():.4f}/"

@@ -762,6 +762,8 @@ class UnifiedModel(nn.Module):
         if theirs != ours:
             raise ValueError(f"tokenizer codes (code_dim, codebook_size, depth, grid) = {theirs}, "
                              f"UnifiedConfig says {ours}")
+        if tc.joint:
+            raise ValueError("a Table 3(b) tokenizer (joint: one codebook) has no pixel codes; stage 2 reads DualToken's two")
         if not (tokenizer.pix_rvq.shared_codebook and tokenizer.sem_rvq.shared_codebook):
             raise ValueError("the unified model embeds codes with one codebook shared by all depths")
         model = cls(config, llm)

@@ -96,8 +96,21 @@ def test_ablation_switches_mirror_table3():
     # (b) joint at the deep layer: one flag
     cfg = T.parse_args(["--preset", "shapes", "--ablation", "joint"])
     c = T.tokenizer_config(cfg, s)
-    assert (c.rec_layer, c.sem_layer, c.shortcut_weight) == (7, 7, 0.0)
-    assert T.DualTokenizer(c).pix_short is None
+    assert (c.rec_layer, c.sem_layer, c.shortcut_weight, c.joint) == (7, 7, 0.0, True)
+    torch.manual_seed(0)
+    m = T.DualTokenizer(c).eval()
+    # one codebook (VILA-U style): no pixel branch; the pixel codes are the semantic codes, and the
+    # decoder reads them through the semantic codebook, in training and in encode/decode
+    assert m.pix_short is None and m.pix_rvq is None and m.pix_quantizer is m.sem_rvq
+    assert not any(k.startswith(("pix_rvq.", "pix_pre.")) for k in m.state_dict())
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    pix, sem = m.encode(x)
+    out = m(x)
+    assert torch.equal(pix, sem) and torch.equal(out.pix_codes, out.sem_codes) and out.commit_pix == 0
+    assert torch.allclose(m.decode(pix), out.recon.clamp(-1, 1), atol=1e-4)  # straight-through rounding
+    with pytest.raises(ValueError, match="no pixel codes"):
+        import unified as U
+        U.UnifiedModel.from_tokenizer(U.UnifiedConfig.preset("shapes"), m)
     # (c) reconstruction only: one flag (or --sem_weight 0)
     assert T.parse_args(["--ablation", "recon_only"]).sem_weight == 0.0
     # single switches, checked against the backbone
