@@ -14,7 +14,8 @@ Every stage reads its data through this file:
   tiny "bytes" demo encoding) and `encode_chat` (Qwen chat format -> token ids + loss mask).
 
 Bad samples never stop training: unreadable images, missing captions and broken shards are skipped
-and counted in each dataset's `stats` dict, which the training scripts print in their logs.
+and counted in each dataset's `stats` dict, which the training scripts print in their logs. A source
+with no readable sample at all never hangs a run either: `NoSamples`, one line naming it, in seconds.
 
 Imports only the standard library, torch, numpy, pillow and tiktoken. `python data.py bench` times
 the shapes benchmark.
@@ -37,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 # ----------------------------------------------------------------------------------------------
 # The shapes benchmark (DESIGN.md, "Embedded default")
@@ -444,7 +445,7 @@ def open_image(src, max_pixels=MAX_PIXELS):
                 if im.width * im.height > max_pixels:
                     raise BadImage("too_large", f"{im.width}x{im.height}")
                 im.load()
-                return to_rgb(im)
+                return to_rgb(_upright(im))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage("too_large", str(e)) from None
     except BadImage:
@@ -453,10 +454,23 @@ def open_image(src, max_pixels=MAX_PIXELS):
         raise BadImage("bad_image", f"{type(e).__name__}: {e}") from None
 
 
+def _upright(im):
+    # Cameras store pixels as the sensor read them and the rotation in EXIF Orientation (0x0112);
+    # every viewer applies it, so a model must too. An unreadable EXIF block is no reason to drop
+    # the pixels: such an image is taken as stored.
+    try:
+        turned = im.getexif().get(0x0112, 1) not in (None, 1)
+    except Exception:
+        return im
+    return ImageOps.exif_transpose(im) if turned else im
+
+
 # ----------------------------------------------------------------------------------------------
 # Real-world readers
 
-STAT_KEYS = ("samples", "empty", "bad_image", "too_large", "no_image", "no_caption",
+# bad_caption_bytes: captions that are not valid UTF-8, kept with U+FFFD for the bad bytes (the rest
+# of the text, usually one Latin-1 letter off, is still the caption) and counted
+STAT_KEYS = ("samples", "empty", "bad_image", "too_large", "no_image", "no_caption", "bad_caption_bytes",
              "bad_conversation", "bad_shards")
 
 
@@ -481,6 +495,17 @@ def _report(msg):
     print(f"data: {msg}", file=sys.stderr, flush=True)
 
 
+class NoSamples(Exception):
+    """A data source that yields no readable sample within a bounded number of attempts: the source
+    is wrong (a glob, a directory, not a tar file, every member broken), not one sample."""
+
+    def __str__(self):
+        # re-raised from a DataLoader worker, the message is "Caught NoSamples in DataLoader worker
+        # ... Original Traceback ... data.NoSamples: <message>": keep the one line that says what is wrong
+        msg = super().__str__().rstrip()
+        return msg.splitlines()[-1].split("NoSamples: ", 1)[-1] if msg else msg
+
+
 def expand_urls(urls):
     """Brace patterns -> shard paths: 'cc12m/{00000..02175}.tar' (zero padding kept, as in bash),
     '{a,b}' lists, several groups per pattern; a list of patterns is expanded one by one."""
@@ -499,6 +524,15 @@ def expand_urls(urls):
     else:
         items = body.split(",")
     return [u for it in items for u in expand_urls(urls[:m.start()] + it + urls[m.end():])]
+
+
+def shard_hint(url):
+    # what a user probably meant when a "shard" is not a tar file
+    if os.path.isdir(url):
+        return " (a directory: name its shards with a brace pattern, e.g. dir/{00000..00099}.tar)"
+    if any(c in url for c in "*?[") and not os.path.exists(url):
+        return " (glob patterns are not expanded: use a brace pattern, e.g. dir/{00000..00099}.tar)"
+    return ""
 
 
 def _distributed_rank(rank, world_size):
@@ -539,19 +573,23 @@ def iter_tar(fileobj):
 
 
 def _caption_from(group):
-    """.txt wins over .json's "caption" field (img2dataset writes both); None when there is neither."""
+    """-> (caption or None, whether its bytes were not valid UTF-8). .txt wins over .json's "caption"
+    field (img2dataset writes both); None when there is neither (or it is blank)."""
     if "txt" in group:
-        text = group["txt"].decode("utf-8", errors="replace").strip()
-        return text or None
+        try:
+            text, bad = group["txt"].decode("utf-8"), False
+        except UnicodeDecodeError:
+            text, bad = group["txt"].decode("utf-8", errors="replace"), True
+        return text.strip() or None, bad
     if "json" in group:
         try:
             meta = json.loads(group["json"])
-        except ValueError:
-            return None
+        except ValueError:  # UnicodeDecodeError included
+            return None, False
         text = meta.get("caption") if isinstance(meta, dict) else None
         if isinstance(text, str) and text.strip():
-            return text.strip()
-    return None
+            return text.strip(), False
+    return None, False
 
 
 def _shuffled(items, bufsize, rng):
@@ -574,10 +612,12 @@ class WebDataset(torch.utils.data.IterableDataset):
     Yields dict(image=[3, size, size] in [-1, 1], caption=str, key=str, url=str).
 
     Each epoch the shard list is shuffled with (seed, epoch) — identically on every rank — and shard j
-    goes to global worker j mod (world_size * num_workers), global worker = rank * num_workers +
-    worker id; so every sample is read exactly once per epoch across all ranks and workers. Use at
-    least as many shards as ranks x workers, or some workers idle; ranks may get slightly different
-    sample counts, so train by step count. Samples are shuffled within each worker by a buffer of
+    goes to reader j mod (world_size * num_workers), reader = rank * num_workers + worker id; so every
+    sample is read exactly once per epoch across all ranks and workers. With fewer shards than readers
+    (one test shard and the default 4 workers) that would leave readers without data and the
+    DataLoader waiting on them forever: then every reader reads every shard and keeps every
+    (readers)-th sample instead, which one line on stderr says. Ranks may get slightly different
+    sample counts, so train by step count. Samples are shuffled within each reader by a buffer of
     `shuffle` raw (undecoded) samples; shuffle=0 keeps shard and member order. The rank comes from
     rank/world_size if given, else from torch.distributed (build the dataset after
     init_process_group), else from torchrun's RANK/WORLD_SIZE. set_epoch(e) reshuffles (takes effect
@@ -586,18 +626,22 @@ class WebDataset(torch.utils.data.IterableDataset):
 
     Samples without an image or (with require_caption) a caption, and images that cannot be decoded,
     are skipped; shards that cannot be read are skipped and reported on stderr. `stats` counts all of
-    it, summed over DataLoader workers.
+    it, summed over DataLoader workers. A source that is not data never hangs: NoSamples (one line
+    naming it) after max_attempts skipped members and shards before the first readable sample, or
+    after a whole pass with none (repeat=True). check() finds that out in the calling process.
     """
 
     def __init__(self, urls, size, resample="bicubic", shuffle=1000, seed=0, rank=None,
-                 world_size=None, repeat=False, require_caption=True, max_pixels=MAX_PIXELS):
+                 world_size=None, repeat=False, require_caption=True, max_pixels=MAX_PIXELS, max_attempts=1000):
+        self.source = urls if isinstance(urls, str) else " ".join(urls)  # as the user wrote it
         self.urls = expand_urls(urls)
         if not self.urls:
             raise ValueError(f"no shards in {urls!r}")
         self.size, self.resample, self.shuffle, self.seed = size, resample, shuffle, seed
         self.rank, self.world_size = _distributed_rank(rank, world_size)
         self.repeat, self.require_caption, self.max_pixels = repeat, require_caption, max_pixels
-        self.epoch = 0
+        self.max_attempts = max_attempts
+        self.epoch, self._first_problem = 0, None
         self.counts = SkipCounts()
 
     def set_epoch(self, epoch):
@@ -607,55 +651,92 @@ class WebDataset(torch.utils.data.IterableDataset):
     def stats(self):
         return self.counts.as_dict()
 
+    def check(self):
+        """Reads the shards in order, here, up to the first readable sample: NoSamples (naming the
+        source and the first problem) if there is none within max_attempts. Seconds, not a hang."""
+        probe = WebDataset(self.urls, self.size, self.resample, shuffle=0, rank=0, world_size=1,
+                           require_caption=self.require_caption, max_pixels=self.max_pixels,
+                           max_attempts=self.max_attempts)
+        probe.source = self.source
+        for _ in probe:
+            return
+        raise probe._no_samples(f"in any of its {len(self.urls)} shard(s)")
+
     def _groups(self, url):
+        # -> (url, key, group) per sample, then (url, None, exception) if the shard breaks: samples
+        # before the damage were already delivered, the rest of the shard is lost
         try:
             with open(url, "rb") as f:
                 for key, group in iter_tar(f):
                     yield url, key, group
         except (OSError, EOFError, tarfile.TarError, ValueError) as e:
-            # samples before the damage were already delivered; the rest of the shard is lost
-            self.counts.add("bad_shards")
-            _report(f"skipping shard {url}: {type(e).__name__}: {e}")
+            yield url, None, e
 
     def _decode(self, url, key, group):
+        # -> (sample, None) or (None, why it was skipped); every outcome is counted
         ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in group), None)
         if ext is None:
             self.counts.add("no_image")
-            return None
-        caption = _caption_from(group)
+            return None, f"{url}: {key} has no image ({', '.join(sorted(group))})"
+        caption, bad_bytes = _caption_from(group)
         if caption is None and self.require_caption:
             self.counts.add("no_caption")
-            return None
+            return None, f"{url}: {key} has no caption"
         try:
             im = open_image(group[ext], self.max_pixels)
         except BadImage as e:
             self.counts.add(e.reason)
-            return None
+            return None, f"{url}: {key}.{ext}: {e}"
         self.counts.add("samples")
-        return dict(image=to_tensor(im, self.size, self.resample), caption=caption or "", key=key, url=url)
+        if bad_bytes:
+            self.counts.add("bad_caption_bytes")
+        return dict(image=to_tensor(im, self.size, self.resample), caption=caption or "", key=key, url=url), None
+
+    def _no_samples(self, where):
+        return NoSamples(f"{self.source}: no readable sample {where}; first problem: {self._first_problem}"
+                         + shard_hint(self.urls[0]))
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         me, total = self.rank * num_workers + worker, self.world_size * num_workers
-        epoch = self.epoch
+        by_sample = len(self.urls) < total
+        if by_sample and me == 0:
+            _report(f"{len(self.urls)} shard(s) for {total} readers ({self.world_size} rank(s) × {num_workers} "
+                    f"worker(s)): each reader reads every shard and keeps every {total}th sample")
+        epoch, tries, seen = self.epoch, 0, False
+        self._first_problem = None
         while True:
             urls = list(self.urls)
             if self.shuffle:
                 random.Random(f"shards:{self.seed}:{epoch}").shuffle(urls)
-            mine = urls[me::total]
-            if not mine and epoch == self.epoch:
-                _report(f"rank {self.rank} worker {worker} has no shard: {len(urls)} shards for {total} "
-                        "workers in all; use more shards or fewer workers")
+            mine = urls if by_sample else urls[me::total]
             groups = (g for url in mine for g in self._groups(url))
+            if by_sample:  # the same order in every reader, so the k-th samples partition it
+                groups = (g for i, g in enumerate(groups) if i % total == me)
             if self.shuffle:
                 groups = _shuffled(groups, self.shuffle, random.Random(f"samples:{self.seed}:{epoch}:{me}"))
+            got = False
             for url, key, group in groups:
-                sample = self._decode(url, key, group)
+                if key is None:
+                    self.counts.add("bad_shards")
+                    sample, why = None, f"{url}: {type(group).__name__}: {group}"
+                    _report(f"skipping shard {why}")
+                else:
+                    sample, why = self._decode(url, key, group)
                 if sample is not None:
+                    seen = got = True
                     yield sample
+                    continue
+                tries += 1
+                self._first_problem = self._first_problem or why
+                if not seen and tries >= self.max_attempts:
+                    raise self._no_samples(f"in the first {tries} members and shards")
             if not self.repeat:
                 return
+            if not got:  # another pass would find nothing either: the DataLoader would wait forever
+                raise self._no_samples(f"for rank {self.rank} worker {worker} in a whole pass over its share "
+                                       f"({len(mine)} shard(s){', every %dth sample' % total if by_sample else ''})")
             epoch += 1
 
 

@@ -20,12 +20,17 @@ presets, projections, decoder, model), then stage-1 training, evaluation and the
 
 import argparse
 import copy
+import hashlib
 import inspect
 import itertools
 import json
 import math
 import os
+import re
+import shutil
+import signal
 import sys
+import tempfile
 import time
 import typing
 import warnings
@@ -44,8 +49,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import (SHAPES_ATTRS, SHAPES_RES, ClassFolderDataset, ShapesDataset, WebDataset, expand_urls, load_text_tokenizer,
-                  parse_shapes_caption, shapes_caption, shapes_hard_negatives, shapes_vocabulary, shapes_words, to_pil)
+from data import (SHAPES_ATTRS, SHAPES_RES, ClassFolderDataset, NoSamples, ShapesDataset, WebDataset, expand_urls,
+                  load_text_tokenizer, parse_shapes_caption, shapes_caption, shapes_hard_negatives, shard_hint,
+                  shapes_vocabulary, shapes_words, to_pil)
 from losses import LPIPS, PatchGAN, adaptive_gan_weight, generator_loss, hinge_d_loss, psnr, semantic_loss, ssim
 from rvq import ResidualVQ
 
@@ -831,7 +837,8 @@ class TrainConfig:
     model: str = "so400m"        # TOKENIZER_PRESETS name; the backbone's own config comes from --siglip
     siglip: str = ""             # SigLIP directory: the initial weights and the frozen teacher (F_0, eq. 4)
     data: str = ""               # "shapes", or webdataset shards as a brace pattern: "cc12m/{00000..02175}.tar"
-    out_dir: str = "out/tokenizer"  # checkpoint (config.json, model.safetensors, train_state.pt) and PNGs
+    out_dir: str = "out/tokenizer"  # checkpoint (config.json, model.safetensors, train_state.pt; see
+                                    # "On disk" above write_checkpoint) and PNGs
     resume: bool = False         # continue from the checkpoint in out_dir
     lpips: str = ""              # LPIPS weights (python losses.py convert-lpips); "" = LPIPS off
     # --- Table 3 ablations. None keeps the model preset's tap.
@@ -1040,8 +1047,8 @@ def check_inputs(cfg):
         if cfg.data != "shapes":
             raise UsageError("--stage teacher pretrains the micro-SigLIP of the shapes demo (--data shapes); "
                              "at full scale pass a pretrained SigLIP directory with --siglip")
-        if cfg.resume and not os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
-            raise UsageError(f"--resume: no teacher checkpoint (train_state.pt) in --out_dir {cfg.out_dir}")
+        if cfg.resume:
+            resume_dir(cfg.out_dir)  # one line when there is none, or it is mixed or half-written
         if cfg.hard_negatives < 0:
             raise UsageError("--hard_negatives must be 0 or more")
         if cfg.batch_size < 2:
@@ -1068,9 +1075,10 @@ def check_inputs(cfg):
         urls = expand_urls(cfg.data)
         missing = [u for u in urls if not os.path.isfile(u)]
         if missing:
-            raise UsageError(f"--data: {len(missing)} of {len(urls)} shards missing, e.g. {missing[0]}")
-    if cfg.resume and not os.path.isfile(os.path.join(cfg.out_dir, "train_state.pt")):
-        raise UsageError(f"--resume: no train_state.pt in --out_dir {cfg.out_dir}")
+            raise UsageError(f"--data: {len(missing)} of {len(urls)} shards missing, e.g. {missing[0]}"
+                             + shard_hint(missing[0]))
+    if cfg.resume:
+        resume_dir(cfg.out_dir)
 
 
 # --- setup, schedule, data, text
@@ -1128,6 +1136,7 @@ def train_loader(cfg, env, size, resample, start):
         # stream of tar files, so it reshuffles with a seed that includes the step instead.
         ds = WebDataset(cfg.data, size, resample, seed=cfg.seed + start, rank=env.rank,
                         world_size=env.world, repeat=True)
+        ds.check()  # NoSamples in seconds when --data holds nothing readable, before any worker starts
         loader = torch.utils.data.DataLoader(ds, cfg.batch_size, num_workers=cfg.workers, drop_last=True,
                                              generator=gen)
     return ds, iter(loader)
@@ -1331,6 +1340,161 @@ def check_ranks_in_sync(env, tensors):
     return d.shape[0]
 
 
+# On disk, both stages. A checkpoint is a directory `step-NNNNNN/` that exists whole or not at all:
+# its files are written into a temporary sibling `.step-NNNNNN.tmp-*/`, manifest.json (the step, each
+# file's size and SHA-256) last, every file and the directory are fsynced, and one rename(2) puts it
+# in place. A kill at any moment leaves the earlier checkpoints untouched and at most a `.tmp-`
+# directory, which nothing reads and the next save removes. `--resume` takes the newest step-N/ and
+# checks it against its manifest: a missing, truncated or foreign file (a mixed or half-written
+# checkpoint) is refused in one line. unified.py keeps every step-N/ in its out_dir. tokenizer.py
+# keeps one: out_dir/checkpoint is a symlink to the newest step-N/, swapped atomically (a new link
+# renamed over it), and out_dir/{config.json, model.safetensors, train_state.pt, ...} are symlinks
+# through it, so out_dir stays the model directory that --siglip, unified.py --tokenizer and
+# sample.py read; the step-N/ it no longer points to is deleted after the swap.
+MANIFEST, MANIFEST_FORMAT = "manifest.json", "dualtoken-checkpoint/1"
+_STEP_DIR = re.compile(r"step-(\d+)")
+_STALE = re.compile(r"\.step-\d+\.(tmp|old)-")  # leftovers of an interrupted save
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)  # a directory too: its fsync makes the renames inside it durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_under(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def _test_kill(name, point):
+    # Test-only fault injection (tests/test_faults.py): DUALTOKEN_TEST_KILL="step-000004/model" kills
+    # this process with SIGKILL at that point of that checkpoint's write, as a crash or kill -9 would.
+    if os.environ.get("DUALTOKEN_TEST_KILL") == f"{name}/{point}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_checkpoint(parent, step, parts):
+    """parts: [(name, write(tmp_dir))], called in order into a fresh temporary directory, which is
+    then completed with manifest.json, fsynced and renamed to parent/step-NNNNNN -> that path."""
+    name = f"step-{step:06d}"
+    final = os.path.join(parent, name)
+    os.makedirs(parent, exist_ok=True)
+    for f in os.listdir(parent):
+        if _STALE.match(f):
+            shutil.rmtree(os.path.join(parent, f), ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    for part, write in parts:
+        write(tmp)
+        _test_kill(name, part)
+    files = {f: {"size": os.path.getsize(os.path.join(tmp, f)), "sha256": _sha256(os.path.join(tmp, f))}
+             for f in _files_under(tmp)}  # one read of what was just written, from the page cache
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump({"format": MANIFEST_FORMAT, "step": step, "files": files}, f, indent=1)
+    for d, _, fs in os.walk(tmp):
+        for f in fs:
+            _fsync(os.path.join(d, f))
+        _fsync(d)
+    _test_kill(name, "manifest")
+    old = None
+    if os.path.lexists(final):  # the same step written again (a new run in an old out_dir): swap
+        old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync(parent)
+    if old:
+        shutil.rmtree(old)
+    _test_kill(name, "renamed")
+    return final
+
+
+def verify_checkpoint(path):
+    """A step-N/ directory against its manifest -> its step; UsageError naming the first difference."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            m = json.load(f)
+        assert m["format"] == MANIFEST_FORMAT and isinstance(m["files"], dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise UsageError(f"--resume: {path} has no readable {MANIFEST} (not a complete checkpoint)") from None
+    for f, want in m["files"].items():
+        p = os.path.join(path, f)
+        if not os.path.isfile(p):
+            raise UsageError(f"--resume: {path} is half-written or damaged: {f} is missing")
+        if os.path.getsize(p) != want["size"]:
+            raise UsageError(f"--resume: {path} is half-written or damaged: {f} has {os.path.getsize(p)} "
+                             f"bytes, {want['size']} were written")
+        if _sha256(p) != want["sha256"]:
+            raise UsageError(f"--resume: {path} is mixed or damaged: {f} is not the file written at "
+                             f"step {m['step']} (SHA-256 differs)")
+    return m["step"]
+
+
+def latest_checkpoint(out_dir, verify=True):
+    """The newest step-N/ in out_dir (by N) -> its path, verified against its manifest; None if none."""
+    steps = sorted((int(m.group(1)), f) for f in (os.listdir(out_dir) if os.path.isdir(out_dir) else ())
+                   if (m := _STEP_DIR.fullmatch(f)) and os.path.isdir(os.path.join(out_dir, f)))
+    if not steps:
+        return None
+    path = os.path.join(out_dir, steps[-1][1])
+    if verify:
+        verify_checkpoint(path)
+    return path
+
+
+def _symlink(target, link):
+    # atomic: a new link renamed over the old one (rename(2) never follows a link)
+    tmp = f"{link}.new-{os.getpid()}"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def save_in_out_dir(out_dir, step, parts):
+    """tokenizer.py's layout (the comment above): the new step-N/, then the pointer swap."""
+    path = write_checkpoint(out_dir, step, parts)
+    publish(out_dir, path)
+    return path
+
+
+def publish(out_dir, path):
+    """Points out_dir/checkpoint (and the links through it) at step-N/ `path`, then deletes the
+    others. Also run on --resume: a kill after the rename but before the swap leaves it undone."""
+    name = os.path.basename(path)
+    _symlink(name, os.path.join(out_dir, "checkpoint"))
+    for f in os.listdir(path):  # made once (or over the plain files of an older out_dir)
+        link = os.path.join(out_dir, f)
+        if f != MANIFEST and not (os.path.islink(link) and os.readlink(link) == os.path.join("checkpoint", f)):
+            _symlink(os.path.join("checkpoint", f), link)
+    _fsync(out_dir)
+    for f in os.listdir(out_dir):
+        if _STEP_DIR.fullmatch(f) and f != name:
+            shutil.rmtree(os.path.join(out_dir, f))
+
+
+def resume_dir(out_dir):
+    """--resume for tokenizer.py: the directory to load the model and train_state.pt from."""
+    path = latest_checkpoint(out_dir)
+    if path is not None:
+        return path
+    if os.path.isdir(os.path.join(out_dir, ".checkpoint.tmp")):
+        # the older file-by-file writer was interrupted: the files may come from two different steps
+        raise UsageError(f"--resume: {out_dir} holds an interrupted checkpoint write (.checkpoint.tmp): "
+                         "its files may be from different steps; not resuming")
+    if os.path.isfile(os.path.join(out_dir, "train_state.pt")):
+        return out_dir  # a complete checkpoint of the older layout (files directly in out_dir)
+    raise UsageError(f"--resume: no checkpoint in --out_dir {out_dir}")
+
+
 def save_checkpoint(cfg, env, model, disc, opt, dopt, step):
     # Model: save_pretrained from the unwrapped, uncompiled module (no DDP/compile key prefixes).
     # Training state apart, in one torch file readable with weights_only=True: optimizers,
@@ -1344,23 +1508,20 @@ def save_checkpoint(cfg, env, model, disc, opt, dopt, step):
         cuda_rng = [c for _, c in everyone] if cuda_rng else []
     n = check_ranks_in_sync(env, synced_tensors(model, disc))
     if env.master:
-        tmp = os.path.join(cfg.out_dir, ".checkpoint.tmp")
-        model.save_pretrained(tmp)
-        torch.save({"format": TRAIN_STATE_FORMAT, "step": step, "config": asdict(cfg),
-                    "optimizer": opt.state_dict(), "disc": disc.state_dict(), "disc_optimizer": dopt.state_dict(),
-                    "rng": rng, "cuda_rng": cuda_rng}, os.path.join(tmp, "train_state.pt"))
-        for f in os.listdir(tmp):  # file by file, so a crash leaves either the old or the new file
-            os.replace(os.path.join(tmp, f), os.path.join(cfg.out_dir, f))
-        os.rmdir(tmp)
+        state = {"format": TRAIN_STATE_FORMAT, "step": step, "config": asdict(cfg), "optimizer": opt.state_dict(),
+                 "disc": disc.state_dict(), "disc_optimizer": dopt.state_dict(), "rng": rng, "cuda_rng": cuda_rng}
+        save_in_out_dir(cfg.out_dir, step, [
+            ("model", model.save_pretrained),
+            ("train_state", lambda d: torch.save(state, os.path.join(d, "train_state.pt")))])
         tqdm.write(f"step {step}: checkpoint in {cfg.out_dir} ({env.world} rank(s) in sync over {n} tensors)")
     if env.ddp:
         dist.barrier()
 
 
-def load_train_state(cfg, env, disc, opt, dopt):
-    state = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), map_location="cpu", weights_only=True)
+def load_train_state(cfg, env, path, disc, opt, dopt):
+    state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
     if state.get("format") != TRAIN_STATE_FORMAT:
-        raise UsageError(f"{cfg.out_dir}/train_state.pt is not a {TRAIN_STATE_FORMAT} file")
+        raise UsageError(f"{path}/train_state.pt is not a {TRAIN_STATE_FORMAT} file")
     opt.load_state_dict(state["optimizer"])
     disc.load_state_dict(state["disc"])
     dopt.load_state_dict(state["disc_optimizer"])
@@ -1414,11 +1575,14 @@ def train_tokenizer(cfg, env):
     siglip = SigLIP.from_pretrained(cfg.siglip)
     teacher = copy.deepcopy(siglip).requires_grad_(False).eval().to(env.device)  # F_0 of eq. (4), frozen
     mcfg = tokenizer_config(cfg, siglip.config)
+    ckpt = resume_dir(cfg.out_dir) if cfg.resume else None
     if cfg.resume:
-        model = DualTokenizer.from_pretrained(cfg.out_dir)
+        if env.master and ckpt != cfg.out_dir:
+            publish(cfg.out_dir, ckpt)
+        model = DualTokenizer.from_pretrained(ckpt)
         if model.config != mcfg:
             diff = [k for k in asdict(mcfg) if asdict(mcfg)[k] != asdict(model.config)[k]]
-            raise UsageError(f"--resume: the checkpoint in {cfg.out_dir} has another model config ({', '.join(diff)})")
+            raise UsageError(f"--resume: the checkpoint {ckpt} has another model config ({', '.join(diff)})")
     else:
         model = DualTokenizer.from_siglip(siglip, mcfg)
     del siglip
@@ -1430,7 +1594,7 @@ def train_tokenizer(cfg, env):
     fused = env.device.type == "cuda"
     opt = make_optimizer(model, cfg, fused)
     dopt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)  # official: Adam, no decay
-    step = load_train_state(cfg, env, disc, opt, dopt) if cfg.resume else 0
+    step = load_train_state(cfg, env, ckpt, disc, opt, dopt) if cfg.resume else 0
     if step >= cfg.max_steps:
         log(f"nothing to do: the checkpoint in {cfg.out_dir} is at step {step}, --max_steps {cfg.max_steps}")
         return
@@ -1599,10 +1763,13 @@ def train_teacher(cfg, env):
     opt = make_optimizer(model, cfg, env.device.type == "cuda")
     start = 0
     if cfg.resume:
-        model.load_state_dict(SigLIP.from_pretrained(cfg.out_dir).state_dict())
-        state = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), map_location="cpu", weights_only=True)
+        ckpt = resume_dir(cfg.out_dir)
+        if env.master and ckpt != cfg.out_dir:
+            publish(cfg.out_dir, ckpt)
+        model.load_state_dict(SigLIP.from_pretrained(ckpt).state_dict())
+        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
         if state.get("format") != TRAIN_STATE_FORMAT or state.get("stage") != "teacher":
-            raise UsageError(f"{cfg.out_dir}/train_state.pt is not a teacher {TRAIN_STATE_FORMAT} file")
+            raise UsageError(f"{ckpt}/train_state.pt is not a teacher {TRAIN_STATE_FORMAT} file")
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
     fwd = torch.compile(model) if cfg.compile else model
@@ -1649,13 +1816,11 @@ def train_teacher(cfg, env):
                     "  ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()))
             t0 += time.time() - t_aside
         if env.master and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
-            tmp = os.path.join(cfg.out_dir, ".checkpoint.tmp")
-            model.save_pretrained(tmp)
-            torch.save({"format": TRAIN_STATE_FORMAT, "stage": "teacher", "step": step, "config": asdict(cfg),
-                        "optimizer": opt.state_dict()}, os.path.join(tmp, "train_state.pt"))
-            for f in os.listdir(tmp):
-                os.replace(os.path.join(tmp, f), os.path.join(cfg.out_dir, f))
-            os.rmdir(tmp)
+            state = {"format": TRAIN_STATE_FORMAT, "stage": "teacher", "step": step, "config": asdict(cfg),
+                     "optimizer": opt.state_dict()}
+            save_in_out_dir(cfg.out_dir, step, [
+                ("model", model.save_pretrained),
+                ("train_state", lambda d: torch.save(state, os.path.join(d, "train_state.pt")))])
         if env.ddp and step % cfg.ckpt_every == 0:
             dist.barrier()
     log(f"saved the teacher SigLIP to {cfg.out_dir}; next: python tokenizer.py --preset shapes --siglip {cfg.out_dir}")
@@ -1718,7 +1883,7 @@ def main(argv=None):
         finally:
             if env.ddp:
                 dist.destroy_process_group()
-    except UsageError as e:
+    except (UsageError, NoSamples) as e:
         print(f"tokenizer.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 

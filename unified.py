@@ -52,9 +52,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, ShapesDataset, WebDataset, encode_chat,
-                  load_text_tokenizer, shapes_sample, to_tensor)
-from tokenizer import DualTokenizer
+from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, NoSamples, ShapesDataset, WebDataset,
+                  encode_chat, load_text_tokenizer, shapes_sample, to_tensor)
+from tokenizer import MANIFEST, DualTokenizer, UsageError, latest_checkpoint, verify_checkpoint, write_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1064,9 +1064,14 @@ class WebSource:
     # webdataset tar shards of image + caption (e.g. CC12M via img2dataset), streamed by data.py;
     # understanding samples are captioning turns. Resume restarts the stream (not bit-exact).
     def __init__(self, urls, size, resample, seed, num_workers):
-        ds = WebDataset(urls, size, resample=resample, seed=seed, repeat=True)
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
+        self.ds = WebDataset(urls, size, resample=resample, seed=seed, repeat=True)
+        self.ds.check()  # NoSamples in seconds when --data holds nothing readable, before any worker starts
+        loader = torch.utils.data.DataLoader(self.ds, batch_size=None, num_workers=num_workers)
         self.it = iter(loader)
+
+    @property
+    def stats(self):  # samples read and skipped, by reason (data.STAT_KEYS), over this rank's workers
+        return self.ds.stats
 
     def take(self, k):
         return [dict(image=s["image"], caption=s["caption"], conversation=None)
@@ -1312,6 +1317,7 @@ def resolve_train_config(given):
     if given.get("resume"):
         if "preset" in given:
             raise ValueError("--preset with --resume: the run's settings come from its checkpoint")
+        given["resume"] = resume_dir(given["resume"], verify=False)  # _train verifies it
         path = Path(given["resume"]) / "train_config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{given['resume']}: no train_config.json (not a checkpoint of unified.py)")
@@ -1328,6 +1334,24 @@ def resolve_train_config(given):
     if not 1 <= tc.qa_turns <= len(QUESTIONS):
         raise ValueError(f"--qa_turns {tc.qa_turns}: between 1 and {len(QUESTIONS)} (the question types)")
     return tc
+
+
+def resume_dir(path, verify=True):
+    """--resume DIR: a step-N/ checkpoint, or a run's out_dir (its newest step-N/) -> the step-N/
+    directory, checked against its manifest with verify (tokenizer.py, "On disk": a mixed or
+    half-written one is refused in one line). A step-N/ of the older layout has no manifest and is
+    taken as it is."""
+    path = str(path)
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        if verify:
+            verify_checkpoint(path)
+        return path
+    if os.path.isfile(os.path.join(path, "train_config.json")):
+        return path
+    found = latest_checkpoint(path, verify)
+    if found is None:
+        raise UsageError(f"--resume {path}: no checkpoint (step-N/ directory) there")
+    return found
 
 
 def build_config(tc, model_kw, tokenizer):
@@ -1408,10 +1432,11 @@ def _train(tc, model_kw, rank, world, device):
     if tc.resume:
         if model_kw:
             raise ValueError(f"model flags {sorted(model_kw)} with --resume: the model comes from the checkpoint")
-        model = UnifiedModel.from_pretrained(tc.resume, device)
+        ckpt = resume_dir(tc.resume)
+        model = UnifiedModel.from_pretrained(ckpt, device)
         if not (torch.equal(model.pix_codebook, tokenizer.pix_rvq.codebook[0])
                 and torch.equal(model.sem_codebook, tokenizer.sem_rvq.codebook[0])):
-            raise ValueError(f"--tokenizer is not the tokenizer of the run in {tc.resume}")
+            raise ValueError(f"--tokenizer is not the tokenizer of the run in {ckpt}")
     else:
         config = build_config(tc, model_kw, tokenizer)
         llm = Qwen2.from_pretrained(tc.llm, dtype=torch.float32) if tc.llm and tc.llm not in PRESETS else None
@@ -1463,9 +1488,9 @@ def _train(tc, model_kw, rank, world, device):
 
     step = 0
     if tc.resume:
-        state = torch.load(Path(tc.resume) / "train_state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(Path(ckpt) / "train_state.pt", map_location="cpu", weights_only=True)
         if state["world_size"] != world:
-            raise ValueError(f"{tc.resume} was written by {state['world_size']} ranks, this run has {world}")
+            raise ValueError(f"{ckpt} was written by {state['world_size']} ranks, this run has {world}")
         step = state["step"]
         set_optimizer_state_dict(raw, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         batcher.load_state_dict(state["data"][rank])
@@ -1519,19 +1544,21 @@ def _train(tc, model_kw, rank, world, device):
             rate = acc[-1].item() / (time.time() - t0)
             say(f"step {step}: loss {loss:.3f} | text {text:.3f} | pix " + " ".join(f"{x:.3f}" for x in pix)
                 + (" | sem " + " ".join(f"{x:.3f}" for x in sem) if raw.sem_head is not None else "")
-                + f" | lr {lr:.2e} | {rate:,.0f} tok/s")
+                + f" | lr {lr:.2e} | {rate:,.0f} tok/s"
+                + (" | data " + " ".join(f"{k}={v}" for k, v in source.stats.items() if v)
+                   if hasattr(source, "stats") else ""))
             acc, t0 = torch.zeros_like(acc), time.time()
         if step % tc.ckpt_every == 0 or step == tc.max_steps:
-            path = Path(tc.out_dir) / f"step-{step:06d}"
-            save_checkpoint(path, raw, opt, tokenizer, batcher, tc, step, world, tc.fsdp)
+            path = save_checkpoint(tc.out_dir, raw, opt, tokenizer, batcher, tc, step, world, tc.fsdp)
             say(f"saved {path}")
     bar.close()
     return raw
 
 
-def save_checkpoint(path, raw, opt, tokenizer, batcher, tc, step, world, fsdp):
-    """A save_pretrained directory (what sample.py needs) + train_state.pt (step, optimizer, every
-    rank's data RNG / cursor) + train_config.json. Collective under torch.distributed."""
+def save_checkpoint(out_dir, raw, opt, tokenizer, batcher, tc, step, world, fsdp):
+    """out_dir/step-NNNNNN/, written atomically (tokenizer.write_checkpoint): a save_pretrained
+    directory (what sample.py needs) + train_state.pt (step, optimizer, every rank's data RNG /
+    cursor) + train_config.json -> its path. Collective under torch.distributed."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(raw, options=options) if fsdp else None  # gathered on rank 0
     optim_sd = get_optimizer_state_dict(raw, opt, options=options)
@@ -1539,13 +1566,16 @@ def save_checkpoint(path, raw, opt, tokenizer, batcher, tc, step, world, fsdp):
     if world > 1:
         data = [None] * world
         dist.all_gather_object(data, batcher.state_dict())
+    path = Path(out_dir) / f"step-{step:06d}"
     if not dist.is_initialized() or dist.get_rank() == 0:
-        raw.save_pretrained(path, tokenizer, state_dict=model_sd)
-        torch.save({"step": step, "optimizer": optim_sd, "data": data, "world_size": world},
-                   Path(path) / "train_state.pt")
-        (Path(path) / "train_config.json").write_text(json.dumps(asdict(tc), indent=2) + "\n")
+        state = {"step": step, "optimizer": optim_sd, "data": data, "world_size": world}
+        write_checkpoint(out_dir, step, [
+            ("model", lambda d: raw.save_pretrained(d, tokenizer, state_dict=model_sd)),
+            ("train_state", lambda d: torch.save(state, Path(d) / "train_state.pt")),
+            ("train_config", lambda d: (Path(d) / "train_config.json").write_text(json.dumps(asdict(tc), indent=2) + "\n"))])
     if world > 1:
         dist.barrier()  # the directory is complete before any rank moves on (or exits)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1569,6 +1599,7 @@ def extract_codes(tc):
     else:
         s = tokenizer.config.siglip
         ds = WebDataset(tc.data, s.image_size, resample=s.resample, shuffle=0, seed=tc.seed, rank=0, world_size=1)
+        ds.check()
         items = ({"image": x["image"], "caption": x["caption"], "conversation": None}
                  for x in itertools.islice(ds, tc.n_images))
     dtype = torch.int16 if tokenizer.config.codebook_size <= 2**15 else torch.int32
@@ -1596,7 +1627,9 @@ def extract_codes(tc):
     if shard["records"]:
         flush()
     bar.close()
-    print(f"extract-codes: {n} images -> {n_shards} shards in {out} (tokenizer {meta['tokenizer']})")
+    skipped = "".join(f" {k}={v}" for k, v in ds.stats.items() if v) if tc.data != "shapes" else ""
+    print(f"extract-codes: {n} images -> {n_shards} shards in {out} (tokenizer {meta['tokenizer']})"
+          + (f"; data{skipped}" if skipped else ""))
 
 
 def _require_checkpoint(path, command):
@@ -1688,4 +1721,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (UsageError, NoSamples) as e:  # a refused checkpoint or unreadable data: one line, no traceback
+        print(f"unified.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

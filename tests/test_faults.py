@@ -1,0 +1,395 @@
+"""Fault injection (issue 22, items 2 and 3): kill -9 during checkpoint writes of both stages, then
+--resume, bit-identical to an uninterrupted run; mixed and half-written checkpoints refused in one
+line; data that holds no readable sample exits non-zero in seconds; fewer shards than readers; a
+shard set with every kind of bad member trains to the end with each counted. CPU, tiny configs.
+
+The kills are real SIGKILLs inside the checkpoint writer, at points chosen with the test-only
+environment variable DUALTOKEN_TEST_KILL (tokenizer._test_kill)."""
+import collections
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import data as D
+import tokenizer as T
+import unified as U
+from test_unified_model import TINY_MODEL_KW, tiny_tokenizer, train_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_SIGLIP = replace(T.SIGLIP_PRESETS["shapes"], width=64, mlp=128, layers=3, heads=2, text_width=64,
+                      text_mlp=128, text_layers=1, text_heads=2, embed_dim=64, text_len=72)
+# tests/test_tokenizer_train.py's tiny stage 1, 4 steps with a checkpoint every 2
+TOK = ["--preset", "shapes", "--sem_layer", "2", "--batch_size", "4", "--grad_accum", "2", "--disc_start", "1",
+       "--warmup", "2", "--eval_n", "8", "--eval_every", "100", "--ckpt_every", "2", "--log_every", "1",
+       "--max_steps", "4"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def cli(script, argv, kill=None, timeout=120):
+    env = dict(ENV, DUALTOKEN_TEST_KILL=kill) if kill else ENV
+    return subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def one_line_error(p, prog, message):
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    err = [l for l in p.stderr.splitlines() if not l.startswith("data: ")]  # data.py's skip reports
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: ") and message in err[0], p.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("teacher"))
+    T.SigLIP(TINY_SIGLIP).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def straight(teacher_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("straight"))
+    T.main(TOK + ["--siglip", teacher_dir, "--out_dir", out])
+    return out
+
+
+def assert_same_checkpoint(a, b):
+    ta, tb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    sa, sb = (torch.load(os.path.join(d, "train_state.pt"), weights_only=True) for d in (a, b))
+    assert sa["step"] == sb["step"]
+    for k in sa["disc"]:
+        assert torch.equal(sa["disc"][k], sb["disc"][k]), k
+    assert torch.equal(sa["rng"][0], sb["rng"][0])
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: kill -9 inside the writer, resume, compare bit for bit
+
+# after the model files (the train state of the new step not yet written: the old writer's "mixed"
+# case), after the manifest (complete but not renamed), after the rename (the pointer not yet swapped)
+@pytest.mark.parametrize("point", ["model", "manifest", "renamed"])
+def test_tokenizer_killed_while_writing_a_checkpoint_resumes_exactly(point, straight, teacher_dir, tmp_path):
+    out = str(tmp_path / "run")
+    p = cli("tokenizer.py", TOK + ["--siglip", teacher_dir, "--out_dir", out], kill=f"step-000004/{point}")
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert "step 2: checkpoint" in p.stdout and "step 4: checkpoint" not in p.stdout
+    # the previous checkpoint is whole and still what out_dir shows; step 4 exists only once renamed
+    assert os.readlink(os.path.join(out, "checkpoint")) == "step-000002"
+    assert torch.load(os.path.join(out, "train_state.pt"), weights_only=True)["step"] == 2
+    assert os.path.isdir(os.path.join(out, "step-000004")) == (point == "renamed")
+    T.main(TOK + ["--siglip", teacher_dir, "--out_dir", out, "--resume"])
+    assert os.readlink(os.path.join(out, "checkpoint")) == "step-000004"
+    assert sorted(f for f in os.listdir(out) if "step-" in f) == ["step-000004"]  # the rest cleaned up
+    assert_same_checkpoint(straight, out)
+
+
+def test_teacher_killed_while_writing_a_checkpoint_resumes_exactly(tmp_path):
+    argv = ["--preset", "shapes-teacher", "--max_steps", "4", "--ckpt_every", "2", "--batch_size", "4",
+            "--hard_negatives", "1", "--warmup", "2", "--eval_every", "100", "--eval_n", "8"]
+    T.main(argv + ["--out_dir", str(tmp_path / "a")])
+    p = cli("tokenizer.py", argv + ["--out_dir", str(tmp_path / "b")], kill="step-000004/model")
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    T.main(argv + ["--out_dir", str(tmp_path / "b"), "--resume"])
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+UNIFIED_KW = dict(max_steps=4, ckpt_every=2, lr_decay_steps=4, warmup_steps=2, batch_size=3)
+UNIFIED_RUN = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import unified as U
+from test_unified_model import TINY_MODEL_KW, train_config
+U.train(train_config({out!r}, {tok!r}, **{kw!r}), dict(TINY_MODEL_KW))
+"""
+
+
+@pytest.fixture(scope="module")
+def unified_tokenizer(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tokenizer"))
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def unified_straight(unified_tokenizer, tmp_path_factory):
+    return U.train(train_config(tmp_path_factory.mktemp("a"), unified_tokenizer, **UNIFIED_KW), dict(TINY_MODEL_KW))
+
+
+@pytest.mark.parametrize("point", ["model", "train_state", "renamed"])
+def test_unified_killed_while_writing_a_checkpoint_resumes_exactly(point, unified_tokenizer, unified_straight, tmp_path):
+    out = str(tmp_path / "b")
+    script = UNIFIED_RUN.format(root=ROOT, tests=os.path.join(ROOT, "tests"), out=out, tok=unified_tokenizer,
+                                kw=UNIFIED_KW)
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(ENV, DUALTOKEN_TEST_KILL=f"step-000004/{point}"))
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    # step 4 is there whole (renamed) or not at all; its temporary directory is never taken
+    assert sorted(f for f in os.listdir(out) if not f.startswith(".")) == \
+        ["step-000002"] + (["step-000004"] if point == "renamed" else [])
+    assert U.resume_dir(out) == os.path.join(out, "step-00000" + ("4" if point == "renamed" else "2"))
+    # --resume OUT_DIR: the newest complete checkpoint
+    resumed = U.train(replace(train_config(out, unified_tokenizer, **UNIFIED_KW), resume=out))
+    a, b = unified_straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: mixed, half-written and interrupted-old-layout ones are refused in one line
+
+def test_mixed_or_half_written_checkpoints_are_refused_in_one_line(straight, teacher_dir, tmp_path, capsys):
+    def broken(name, damage):
+        out = tmp_path / name
+        shutil.copytree(straight, out, symlinks=True)
+        damage(out / "step-000004")
+        return str(out)
+
+    def truncate(d):
+        with open(d / "model.safetensors", "r+b") as f:
+            f.truncate(os.path.getsize(d / "model.safetensors") // 2)
+
+    def mix(d):  # the train state of another step beside these weights (what the old writer could leave)
+        state = torch.load(d / "train_state.pt", weights_only=True)
+        torch.save({**state, "step": 2}, d / "train_state.pt")
+
+    def legacy(d):  # the older layout (plain files in out_dir) after a kill between its renames
+        out = d.parent
+        for f in ("config.json", "model.safetensors", "train_state.pt"):
+            os.remove(out / f)
+            shutil.copyfile(d / f, out / f)
+        shutil.rmtree(d)
+        os.remove(out / "checkpoint")
+        os.mkdir(out / ".checkpoint.tmp")
+
+    for name, damage, message in (("truncated", truncate, "half-written or damaged: model.safetensors has"),
+                                  ("missing", lambda d: os.remove(d / "train_state.pt"), "train_state.pt is missing"),
+                                  ("mixed", mix, "train_state.pt is not the file written at step 4"),
+                                  ("legacy", legacy, "interrupted checkpoint write (.checkpoint.tmp)")):
+        out = broken(name, damage)
+        with pytest.raises(SystemExit) as e:
+            T.main(TOK + ["--siglip", teacher_dir, "--out_dir", out, "--max_steps", "6", "--resume"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+        assert err.startswith("tokenizer.py: error: --resume: ")
+    # stage 2 from its command line: the same check, one line, exit 2
+    out = tmp_path / "unified"
+    U.train(train_config(out, _tokenizer_dir(tmp_path), max_steps=2, ckpt_every=1), dict(TINY_MODEL_KW))
+    truncate(out / "step-000002")
+    p = cli("unified.py", ["--resume", str(out)])
+    one_line_error(p, "unified.py", "step-000002 is half-written or damaged: model.safetensors has")
+
+
+def _tokenizer_dir(tmp_path):
+    path = str(tmp_path / "tiny-tokenizer")
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# data: no readable sample -> one line and a non-zero exit in seconds; fewer shards than readers
+
+def _png(size=(40, 30), color=(200, 30, 30)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _add(tar, name, payload):
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _good_shard(path, n, start=0):
+    with tarfile.open(path, "w") as tar:
+        for i in range(start, start + n):
+            _add(tar, f"{i:06d}.png", _png(color=(10 * i % 255, 80, 160)))
+            _add(tar, f"{i:06d}.txt", f"a picture number {i}".encode())
+
+
+def _bad_data(root, kind):
+    root.mkdir(exist_ok=True)
+    if kind == "glob":
+        _good_shard(root / "a.tar", 2)
+        return str(root / "*.tar")
+    if kind == "directory":
+        _good_shard(root / "a.tar", 2)
+        return str(root)
+    if kind == "non-tar file":
+        (root / "notes.tar").write_bytes(b"not a tar file\n" * 1000)
+        return str(root / "notes.tar")
+    if kind == "llava json":
+        (root / "llava.json").write_text(json.dumps([{"id": "1", "image": "a.jpg", "conversations": []}] * 50))
+        return str(root / "llava.json")
+    # all-bad shards: two tars whose members are all broken in some way
+    for s in range(2):
+        with tarfile.open(root / f"bad-{s}.tar", "w") as tar:
+            for i in range(20):
+                _add(tar, f"{s}{i:04d}.jpg", b"\xff\xd8 truncated")
+                _add(tar, f"{s}{i:04d}.txt", b"a caption")
+    return str(root / "bad-{0..1}.tar")
+
+
+HANG_CASES = ["glob", "directory", "non-tar file", "llava json", "all-bad shards"]
+
+
+@pytest.mark.parametrize("kind", HANG_CASES)
+def test_tokenizer_data_without_a_readable_sample_exits_in_seconds(kind, teacher_dir, tmp_path):
+    spec = _bad_data(tmp_path / "data", kind)
+    t = time.time()
+    p = cli("tokenizer.py", TOK + ["--siglip", teacher_dir, "--out_dir", str(tmp_path / "out"), "--data", spec,
+                                   "--workers", "2"], timeout=60)
+    assert time.time() - t < 60
+    one_line_error(p, "tokenizer.py", spec if kind not in ("glob", "directory") else "--data")
+    if kind in ("glob", "directory"):
+        assert "brace pattern" in p.stderr
+
+
+@pytest.mark.parametrize("kind", HANG_CASES)
+def test_unified_data_without_a_readable_sample_exits_in_seconds(kind, tmp_path):
+    spec = _bad_data(tmp_path / "data", kind)
+    tok = _tokenizer_dir(tmp_path)
+    t = time.time()
+    p = cli("unified.py", ["--model", "shapes", "--tokenizer", tok, "--data", spec, "--num_workers", "2",
+                           "--max_steps", "2", "--batch_size", "2", "--out_dir", str(tmp_path / "out")], timeout=60)
+    assert time.time() - t < 60
+    one_line_error(p, "unified.py", f"{spec}: no readable sample")
+
+
+def test_a_worker_whose_share_has_no_readable_sample_fails_instead_of_waiting(tmp_path):
+    # one good shard and one all-bad shard, two workers: worker 1's share is all bad. The DataLoader
+    # would wait for its batches forever; instead its NoSamples reaches the main process, one line.
+    _good_shard(tmp_path / "s-0.tar", 4)
+    with tarfile.open(tmp_path / "s-1.tar", "w") as tar:
+        _add(tar, "x.jpg", b"")
+        _add(tar, "x.txt", b"c")
+    ds = D.WebDataset(str(tmp_path / "s-{0..1}.tar"), 16, shuffle=0, repeat=True, rank=0, world_size=1)
+    ds.check()  # a readable sample exists, so the check passes
+    batches = iter(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2))
+    with pytest.raises(D.NoSamples) as e:
+        for _ in batches:
+            pass
+    batches._shutdown_workers()  # worker 0 would otherwise keep filling its queue until teardown
+    assert "\n" not in str(e.value) and "rank 0 worker 1 in a whole pass over its share" in str(e.value)
+
+
+def test_fewer_shards_than_readers_are_split_by_sample(tmp_path, capfd):
+    _good_shard(tmp_path / "one.tar", 10)
+    keys = []
+    for rank in range(2):
+        ds = D.WebDataset(str(tmp_path / "one.tar"), 16, shuffle=3, rank=rank, world_size=2)
+        keys += [k for b in torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2) for k in b["key"]]
+    assert sorted(keys) == [f"{i:06d}" for i in range(10)]  # each sample once over 2 ranks × 2 workers
+    err = capfd.readouterr().err
+    assert err.count("1 shard(s) for 4 readers (2 rank(s) × 2 worker(s)): each reader reads every shard") == 1
+
+
+def test_one_shard_and_four_workers_trains_in_both_stages(teacher_dir, tmp_path, capfd):
+    _good_shard(tmp_path / "one.tar", 12)
+    T.main(TOK + ["--siglip", teacher_dir, "--out_dir", str(tmp_path / "tok"), "--data", str(tmp_path / "one.tar"),
+                  "--workers", "4", "--max_steps", "2"])
+    tc = train_config(tmp_path / "uni", _tokenizer_dir(tmp_path), data=str(tmp_path / "one.tar"), num_workers=4,
+                      max_steps=2, log_every=1)
+    U.train(tc, dict(TINY_MODEL_KW))
+    cap = capfd.readouterr()
+    assert cap.err.count("1 shard(s) for 4 readers (1 rank(s) × 4 worker(s))") == 2
+    assert re.search(r"^step 2 \|.*\| data samples=\d+", cap.out, re.M)        # stage 1 prints the counts
+    assert re.search(r"^step 2: loss.*\| data samples=\d+", cap.out, re.M)      # and stage 2
+
+
+# ----------------------------------------------------------------------------------------------
+# data: every kind of bad member counted, training goes on
+
+def _jpeg(size=(40, 30), exif_orientation=None):
+    im = Image.new("RGB", size, (30, 30, 30))
+    im.paste((250, 250, 250), (0, 0, size[0] // 4, size[1]))  # a bright band on the left
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    if exif_orientation:
+        exif[0x0112] = exif_orientation
+    im.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def _bomb_png():
+    # a valid 1×1 PNG whose header claims 30000 × 30000 pixels (CRC fixed up), as in test_data.py
+    b = bytearray(_png((1, 1)))
+    b[16:24] = struct.pack(">II", 30000, 30000)
+    b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])))
+    return bytes(b)
+
+
+def _kinds_shards(root):
+    """Good samples beside 13 kinds of bad or odd members and shards -> (pattern, expected counts of one pass)."""
+    with tarfile.open(root / "k-0.tar", "w") as tar:
+        for i in range(8):
+            _add(tar, f"good{i}.png", _png(color=(20 * i, 90, 150)))
+            _add(tar, f"good{i}.txt", f"good picture {i}".encode())
+        for key, members in {
+            "truncated": {"jpg": _jpeg()[:300], "txt": b"c"},            # bad_image
+            "html": {"png": b"<html>404</html>", "txt": b"c"},           # bad_image
+            "empty": {"jpg": b"", "txt": b"c"},                           # empty
+            "bomb": {"png": _bomb_png(), "txt": b"c"},                    # too_large
+            "nocap": {"png": _png(), "json": b'{"url": "x"}'},             # no_caption
+            "blankcap": {"png": _png(), "txt": b"  \n"},                  # no_caption
+            "badjson": {"png": _png(), "json": b"{not json"},              # no_caption
+            "textonly": {"txt": b"a caption without an image"},           # no_image
+            "otherext": {"bmp": b"BM...", "txt": b"c"},                    # no_image
+            "latin1": {"png": _png(), "txt": "caf\xe9 au lait".encode("latin-1")},  # bad_caption_bytes, kept
+            "rotated": {"jpg": _jpeg(exif_orientation=6), "txt": b"turned"},  # a sample, turned upright
+        }.items():
+            for ext, payload in members.items():
+                _add(tar, f"{key}.{ext}", payload)
+        _add(tar, "._good0.png", b"macOS resource fork")  # junk the reader ignores
+    (root / "k-1.tar").write_bytes(b"not a tar\n" * 100)                # bad_shards
+    _good_shard(root / "k-2.tar", 4, start=100)
+    with tarfile.open(root / "k-2.tar") as tar:
+        cut = tar.getmembers()[4].offset_data + 50  # inside the third sample's image
+    data = (root / "k-2.tar").read_bytes()
+    (root / "k-2.tar").write_bytes(data[:cut])                          # bad_shards after its first 2 samples
+    expected = dict(bad_image=2, empty=1, too_large=1, no_caption=3, no_image=2, bad_caption_bytes=1, bad_shards=2)
+    return str(root / "k-{0..2}.tar"), expected
+
+
+def test_exif_orientation_is_applied_and_bad_caption_bytes_counted(tmp_path):
+    im = D.open_image(_jpeg((40, 30), exif_orientation=6))  # 6: rotate 90° clockwise to view
+    assert im.size == (30, 40)
+    a = torch.from_numpy(np.asarray(im)).float().mean(-1)  # (40, 30)
+    assert a[:10].mean() > 200 and a[20:].mean() < 60  # the left band is now at the top
+    pattern, expected = _kinds_shards(tmp_path)
+    ds = D.WebDataset(pattern, 16, shuffle=0)
+    got = {s["key"]: s for s in ds}
+    assert got["latin1"]["caption"] == "caf\ufffd au lait" and got["rotated"]["caption"] == "turned"
+    # the good ones, the two odd ones, and the samples of the truncated shard before the damage
+    assert set(got) == {f"good{i}" for i in range(8)} | {"latin1", "rotated", "000100", "000101"}
+    assert {k: v for k, v in ds.stats.items() if v and k != "samples"} == expected
+    assert ds.stats["samples"] == len(got)
+
+
+def test_a_shard_set_with_every_kind_of_bad_member_trains_to_the_end(teacher_dir, tmp_path, capsys):
+    pattern, expected = _kinds_shards(tmp_path)
+    T.main(TOK + ["--siglip", teacher_dir, "--out_dir", str(tmp_path / "out"), "--data", pattern,
+                  "--workers", "0", "--max_steps", "3"])
+    out = capsys.readouterr().out
+    last = re.findall(r"^step 3 \|.*\| data (.*)$", out, re.M)
+    counts = {k: int(v) for k, v in (kv.split("=") for kv in last[0].split())}
+    assert counts["samples"] >= 24  # 3 steps × 2 micro-batches × 4
+    for k, n in expected.items():   # every kind seen and counted (≥ one pass over the set)
+        assert counts.get(k, 0) >= n, (k, counts)
+    assert T.resume_dir(str(tmp_path / "out")).endswith("step-000003")
