@@ -29,11 +29,10 @@ from safetensors.torch import load_file
 import data as D
 import tokenizer as T
 import unified as U
+from test_tokenizer_train import TINY_SIGLIP, teacher_dir  # noqa: F401 (a fixture)
 from test_unified_model import TINY_MODEL_KW, tiny_tokenizer, train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_SIGLIP = replace(T.SIGLIP_PRESETS["shapes"], width=64, mlp=128, layers=3, heads=2, text_width=64,
-                      text_mlp=128, text_layers=1, text_heads=2, embed_dim=64, text_len=72)
 # tests/test_tokenizer_train.py's tiny stage 1, 4 steps with a checkpoint every 2
 TOK = ["--preset", "shapes", "--sem_layer", "2", "--batch_size", "4", "--grad_accum", "2", "--disc_start", "1",
        "--warmup", "2", "--eval_n", "8", "--eval_every", "100", "--ckpt_every", "2", "--log_every", "1",
@@ -51,14 +50,6 @@ def one_line_error(p, prog, message):
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     err = [l for l in p.stderr.splitlines() if not l.startswith("data: ")]  # data.py's skip reports
     assert len(err) == 1 and err[0].startswith(f"{prog}: error: ") and message in err[0], p.stderr[-2000:]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("teacher"))
-    T.SigLIP(TINY_SIGLIP).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
