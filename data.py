@@ -177,6 +177,12 @@ def _combo(attrs):  # what a split is made of (SHAPES_SPLITS)
     return attrs["color"], attrs["shape"], attrs["where"]
 
 
+# The order in which shapes_hard_negatives changes attributes: each once, then place three more times.
+# Place is what the teacher learns last: a place-changed negative is nearly its own caption to a text
+# tower that does not yet read place, so the loss's pull on place is weak (EXPERIMENTS.md, §11).
+HARD_NEGATIVE_ORDER = (*SHAPES_ATTRS, "where", "where", "where")
+
+
 def shapes_hard_negatives(attrs, k, key, split="train"):
     """k captions that each differ from `attrs` in exactly one attribute (the combination stays in
     `split`), for the teacher's sigmoid loss: text-only negatives, a pure function of `key`.
@@ -187,12 +193,12 @@ def shapes_hard_negatives(attrs, k, key, split="train"):
     pay from the first step (EXPERIMENTS.md, "The semantic teacher").
     """
     rng = random.Random(f"shapes-negatives:{split}:{key}")
-    allowed, names, out = set(SHAPES_SPLITS[split]), list(SHAPES_ATTRS), []
+    allowed, names, out = set(SHAPES_SPLITS[split]), list(HARD_NEGATIVE_ORDER), []
     while len(out) < k:
-        name = names[len(out) % len(names)]  # every attribute in turn
+        name = names[len(out) % len(names)]  # every attribute in turn, then place again
         options = [v for v in SHAPES_ATTRS[name] if v != attrs[name] and _combo({**attrs, name: v}) in allowed]
         if not options:  # every alternative of this attribute is held out: take the next attribute
-            names.remove(name)
+            names = [n for n in names if n != name]
             continue
         out.append(shapes_caption({**attrs, name: rng.choice(options)}))
     return out
@@ -329,6 +335,23 @@ def read_shapes(image):
         where=WHERES[3 * row + col],
     )
     return out
+
+
+def read_back_accuracy(wants, images):
+    """attrs dicts and images [3, H, W] -> {attr: fraction read back by data.read_shapes as wanted,
+    "all": fraction with every attribute right, "bg_dirty": the mean of read_shapes' bg_dirty (the
+    fraction of background pixels more than 40/255 from the palette background color)}. A shape the
+    reader calls "unclear" is wrong; an image with an extra object or stray blob is wrong on every
+    attribute."""
+    hits = {a: 0 for a in (*SHAPES_ATTRS, "all", "bg_dirty")}
+    for want, im in zip(wants, images):
+        got = read_shapes(im)
+        ok = [got[a] == want[a] and not got["extra"] for a in SHAPES_ATTRS]
+        for a, k in zip(SHAPES_ATTRS, ok):
+            hits[a] += k
+        hits["all"] += all(ok)
+        hits["bg_dirty"] += got["bg_dirty"]
+    return {a: hits[a] / max(len(wants), 1) for a in hits}
 
 
 class ShapesDataset(torch.utils.data.Dataset):

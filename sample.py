@@ -34,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from data import (BACKGROUNDS, HELDOUT, IMAGE_PLACEHOLDER, QUESTIONS, SHAPES_ATTRS, SIZES, TRAIN_COMBOS,
-                  BadImage, encode_chat, open_image, parse_shapes_caption, read_shapes, shapes_caption,
+                  BadImage, encode_chat, open_image, parse_shapes_caption, read_back_accuracy, read_shapes,
+                  shapes_caption,
                   shapes_sample, shapes_vocabulary, shapes_words, to_pil, to_tensor)
 from unified import load_pretrained, sample_logits
 
@@ -206,23 +207,6 @@ def eval_prompts(split, n, seed=0):
         out.append(dict(shape=shape, color=color, where=where, size=sizes[i % 2],
                         background=backgrounds[(i // 2) % 3]))
     return out
-
-
-def read_back_accuracy(wants, images):
-    """attrs dicts and images [3, H, W] -> {attr: fraction read back by data.read_shapes as wanted,
-    "all": fraction with every attribute right, "bg_dirty": the mean of read_shapes' bg_dirty (the
-    fraction of background pixels more than 40/255 from the palette background color)}. A shape the
-    reader calls "unclear" is wrong; an image with an extra object or stray blob is wrong on every
-    attribute."""
-    hits = {a: 0 for a in ATTRS + ("all", "bg_dirty")}
-    for want, im in zip(wants, images):
-        got = read_shapes(im)
-        ok = [got[a] == want[a] and not got["extra"] for a in ATTRS]
-        for a, k in zip(ATTRS, ok):
-            hits[a] += k
-        hits["all"] += all(ok)
-        hits["bg_dirty"] += got["bg_dirty"]
-    return {a: hits[a] / max(len(wants), 1) for a in hits}
 
 
 @torch.no_grad()

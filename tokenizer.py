@@ -50,8 +50,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from data import (SHAPES_ATTRS, SHAPES_RES, ClassFolderDataset, NoSamples, ShapesDataset, WebDataset, expand_urls,
-                  load_text_tokenizer, parse_shapes_caption, shapes_caption, shapes_hard_negatives, shard_hint,
-                  shapes_vocabulary, shapes_words, to_pil)
+                  load_text_tokenizer, parse_shapes_caption, read_back_accuracy, shapes_caption, shapes_hard_negatives,
+                  shard_hint, shapes_vocabulary, shapes_words, to_pil)
 from losses import LPIPS, PatchGAN, adaptive_gan_weight, generator_loss, hinge_d_loss, psnr, semantic_loss, ssim
 from rvq import ResidualVQ
 
@@ -913,7 +913,7 @@ TRAIN_PRESETS = {
     # and shipped, like a pretrained SigLIP (EXPERIMENTS.md, "The semantic teacher").
     "shapes-teacher": TrainConfig(
         stage="teacher", model="shapes", data="shapes", out_dir="out/shapes-teacher", lr=1e-3, min_lr=1e-4,
-        betas=(0.9, 0.95), weight_decay=1e-4, warmup=100, max_steps=4000, batch_size=32, hard_negatives=5,
+        betas=(0.9, 0.95), weight_decay=1e-4, warmup=100, max_steps=4000, batch_size=32, hard_negatives=8,
         text_tokenizer="words", eval_n=512, eval_every=500, workers=0, log_every=100, ckpt_every=250),
     # The tokenizer of the demo: lr 1e-3, 1000 steps (2000 reconstruct better, but stage 2 learns
     # their codes worse) and no GAN (disc_start = max_steps; a PatchGAN needs far more steps than a
@@ -1266,6 +1266,7 @@ def evaluate(model, teacher, dataset, tasks, env, cfg, lpips=None, png_dir=None,
     sums = {k: 0.0 for k in ("psnr", "ssim", "lpips", "cos_layer", "cos_pool")}
     correct = {f"{t}/{who}": 0 for t in tasks for who in ("tokenizer", "teacher")}
     counts = {"pix": 0, "sem": 0}  # code histograms: ImageNet val's 50k × 729 × 8 codes do not fit a list
+    read = {}  # shapes: the strict reader's verdicts on the reconstructions, summed over images
     n = 0
     for batch in loader:
         x = batch["image"].to(env.device)
@@ -1290,6 +1291,9 @@ def evaluate(model, teacher, dataset, tasks, env, cfg, lpips=None, png_dir=None,
         if teacher is not None:
             sums["cos_layer"] += F.cosine_similarity(out.sem.float(), f0.float(), dim=-1).mean(1).sum().item()
             sums["cos_pool"] += F.cosine_similarity(out.pooled.float(), p0.float(), dim=-1).sum().item()
+        if isinstance(dataset, ShapesDataset):
+            acc = read_back_accuracy([parse_shapes_caption(c) for c in batch["caption"]], recon.cpu())
+            read = {k: read.get(k, 0.0) + v * x.shape[0] for k, v in acc.items()}
         if grid is not None and n == 0:
             save_grid(x, recon, grid)
         if png_dir is not None:  # real and reconstructed images side by side for clean-fid
@@ -1300,6 +1304,7 @@ def evaluate(model, teacher, dataset, tasks, env, cfg, lpips=None, png_dir=None,
     model.train(was_training)
     res = {k: v / n for k, v in sums.items()}
     res.update({k: v / n for k, v in correct.items()})
+    res.update({f"read/{k}": v / n for k, v in read.items()})
     res["n"] = n
     for branch in ("pix", "sem"):
         # rvq.codebook_usage from the histogram: fraction of entries used, exp(entropy)
@@ -1317,6 +1322,9 @@ def format_results(res, model, teacher, lpips, title):
     for branch, name in (("pix", "pixel codes"), ("sem", "semantic codes")):
         lines.append(f"{name:<16} used {100 * res[f'{branch}_used']:.1f}% of {c.codebook_size}   "
                      f"perplexity {res[f'{branch}_ppl']:.1f}")
+    if "read/all" in res:
+        lines.append(f"reconstructions read right (data.read_shapes)   all five {100 * res['read/all']:.1f}%   " +
+                     "   ".join(f"{a} {100 * res[f'read/{a}']:.1f}%" for a in SHAPES_ATTRS))
     if teacher is not None:
         lines.append(f"semantic cosine to the teacher   layer {c.sem_layer}: {res['cos_layer']:.4f}   "
                      f"pooled: {res['cos_pool']:.4f}")
@@ -1876,8 +1884,12 @@ def run_eval(cfg, env):
                 os.remove(os.path.join(png_dir, sub, f))
     grid = os.path.join(cfg.out_dir, "eval", "grid.png")
     res = evaluate(model, teacher, dataset, tasks, env, cfg, lpips, png_dir=png_dir, grid=grid)
-    where = f"{cfg.eval_data or 'shapes (seed ' + str(cfg.seed + 1) + ')'}"
+    where = f"{cfg.eval_data or 'shapes, train combinations, unseen images (seed ' + str(cfg.seed + 1) + ')'}"
     print(format_results(res, model, teacher, lpips, f"eval of {cfg.out_dir} on {where}"))
+    if not cfg.eval_data:  # and the combinations no stage ever trains on (data.HELDOUT)
+        held = evaluate(model, teacher, ShapesDataset(cfg.eval_n, seed=cfg.seed + 1, split="heldout"), tasks, env, cfg,
+                        lpips)
+        print(format_results(held, model, teacher, lpips, f"eval of {cfg.out_dir} on shapes, held-out combinations"))
     print(f"PNGs: {png_dir}/real and {png_dir}/recon ({res['n']} each), grid {grid}; rFID with clean-fid: "
           f"python -c \"from cleanfid import fid; print(fid.compute_fid('{png_dir}/real', '{png_dir}/recon'))\"")
     return res

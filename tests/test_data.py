@@ -58,14 +58,15 @@ def test_shapes_sample_is_a_pure_function_of_seed_index_split():
 
 
 def test_hard_negatives_differ_from_their_caption_in_one_attribute():
-    # the teacher's text-only negatives: each changes exactly one attribute, attributes take turns,
-    # the combination stays in the split, and the draw is a pure function of the key
+    # the teacher's text-only negatives: each changes exactly one attribute, attributes take turns and
+    # place comes back three more times, the combination stays in the split, the draw is a pure function
+    # of the key
     attrs = list(data.SHAPES_ATTRS)
     for split, combos in data.SHAPES_SPLITS.items():
         for i in range(60):
             a = shapes_sample(i, seed=2, split=split)["attrs"]
-            negs = data.shapes_hard_negatives(a, 7, key=i, split=split)
-            assert negs == data.shapes_hard_negatives(a, 7, key=i, split=split)
+            negs = data.shapes_hard_negatives(a, 9, key=i, split=split)
+            assert negs == data.shapes_hard_negatives(a, 9, key=i, split=split)
             changed = []
             for c in negs:
                 b = data.parse_shapes_caption(c)
@@ -76,6 +77,8 @@ def test_hard_negatives_differ_from_their_caption_in_one_attribute():
             # train: every attribute takes its turn; a held-out combination changes only size and
             # background, as any other change leaves the held-out split
             assert set(changed[:5]) == (set(attrs) if split == "train" else {"size", "background"})
+            if split == "train":
+                assert changed[5:] == ["where", "where", "where", "shape"]
 
 
 def test_shapes_sample_follows_the_spec():
