@@ -1333,26 +1333,37 @@ def format_results(res, model, teacher, lpips, title):
 
 @torch.no_grad()
 def tensor_digest(tensors):
-    # (tensors, 2) float64: sum and sum of squares of each tensor, a cheap fingerprint to compare
-    return torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors])
+    # (tensors,) int64: the first 8 bytes of SHA-256 over each tensor's dtype, shape and raw bytes.
+    # Exact bits, not sums: a one-ulp drift or two swapped elements (equal sums) must show.
+    out = []
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+        out.append(int.from_bytes(h.digest()[:8], "little", signed=True))
+    return torch.tensor(out, dtype=torch.int64)
 
 
-def synced_tensors(model, disc):
-    # what must be equal on every rank: the tokenizer's parameters and buffers (the EMA codebooks)
-    # and the discriminator's parameters (its BatchNorm running statistics are per rank, as in taming,
-    # and unused: the discriminator always runs in training mode)
-    return [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point()), *disc.parameters()]
+def synced_tensors(model, disc=None):
+    # what must be equal on every rank: the model's parameters and floating buffers (stage 1's EMA
+    # codebooks, stage 2's frozen ones) and the discriminator's parameters (its BatchNorm running
+    # statistics are per rank, as in taming, and unused: the discriminator always runs in training mode)
+    return [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point()),
+            *(disc.parameters() if disc is not None else ())]
 
 
 def check_ranks_in_sync(env, tensors):
-    """All ranks must hold the same weights and codebooks: DDP keeps the parameters equal, rvq.py's
+    """All ranks must hold bit-identical weights and codebooks: DDP keeps the parameters equal, rvq.py's
     all-reduce the EMA codebooks. Raises when they diverged; returns the number of tensors compared."""
     d = tensor_digest(tensors)
     if env.ddp:
+        d = d.to(env.device)  # NCCL gathers device tensors only
         gathered = [torch.empty_like(d) for _ in range(env.world)]
         dist.all_gather(gathered, d)
-        if any(not torch.equal(g, d) for g in gathered):
-            raise RuntimeError("ranks diverged: parameters or codebooks differ between processes")
+        bad = sorted({i for g in gathered for i in (g != d).nonzero().flatten().tolist()})
+        if bad:
+            raise RuntimeError(f"ranks diverged: {len(bad)} of {len(d)} parameters or codebooks differ "
+                               f"between processes (first: tensor {bad[0]})")
     return d.shape[0]
 
 

@@ -54,7 +54,8 @@ from tqdm import tqdm
 
 from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, NoSamples, ShapesDataset, WebDataset,
                   encode_chat, load_text_tokenizer, shapes_sample, to_tensor)
-from tokenizer import MANIFEST, DualTokenizer, UsageError, latest_checkpoint, verify_checkpoint, write_checkpoint
+from tokenizer import (MANIFEST, DualTokenizer, Env, UsageError, check_ranks_in_sync, latest_checkpoint, synced_tensors,
+                       verify_checkpoint, write_checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1567,7 +1568,10 @@ def save_checkpoint(out_dir, raw, opt, tokenizer, batcher, tc, step, world, fsdp
         data = [None] * world
         dist.all_gather_object(data, batcher.state_dict())
     path = Path(out_dir) / f"step-{step:06d}"
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if world > 1 and not fsdp:  # DDP keeps every rank's copy equal, bit for bit (FSDP holds shards)
+        check_ranks_in_sync(Env(rank, world, next(raw.parameters()).device, True, None), synced_tensors(raw))
+    if rank == 0:
         state = {"step": step, "optimizer": optim_sd, "data": data, "world_size": world}
         write_checkpoint(out_dir, step, [
             ("model", lambda d: raw.save_pretrained(d, tokenizer, state_dict=model_sd)),

@@ -384,3 +384,24 @@ def test_a_shard_set_with_every_kind_of_bad_member_trains_to_the_end(teacher_dir
     for k, n in expected.items():   # every kind seen and counted (≥ one pass over the set)
         assert counts.get(k, 0) >= n, (k, counts)
     assert T.resume_dir(str(tmp_path / "out")).endswith("step-000003")
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP in-sync check: exact bits
+
+def test_rank_digest_compares_exact_bits():
+    a = torch.randn(1000)
+    swapped = a.clone()
+    swapped[[3, 7]] = a[[7, 3]]               # the same sum and sum of squares, other bytes
+    ulp = a.clone()
+    ulp[500] = torch.nextafter(a[500], torch.tensor(float("inf")))  # one element, one ulp
+    bf16 = a.bfloat16()
+    d = T.tensor_digest([a, swapped, ulp, a.clone(), bf16, a.reshape(10, 100)])
+    assert d.dtype == torch.int64 and d.shape == (6,)
+    assert d[0] == d[3]                         # equal bits, equal digests
+    assert d[0] != d[1] and d[0] != d[2]        # a sum-based fingerprint misses the swap
+    assert d[0] != d[5]                         # the same bytes in another shape
+    assert T.tensor_digest([bf16])[0] == d[4] and T.tensor_digest([bf16.clone()])[0] == d[4]
+    # the check counts what it compares; one process has nobody to disagree with
+    env = T.Env(0, 1, torch.device("cpu"), False, None)
+    assert T.check_ranks_in_sync(env, [a, swapped]) == 2
