@@ -20,6 +20,7 @@ presets, projections, decoder, model), then stage-1 training, evaluation and the
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import inspect
 import itertools
@@ -32,6 +33,7 @@ import signal
 import sys
 import tempfile
 import time
+import types
 import typing
 import warnings
 from contextlib import nullcontext
@@ -322,13 +324,161 @@ _HF_KEYS = {
 }
 
 
-def _safetensors_files(path):
-    # HF writes model.safetensors, or shards listed in model.safetensors.index.json's weight_map
+# --- strict loading, both stages (STYLE.md #6): configs typed and built on the meta device, every key
+# and shape checked from the safetensors headers, and only then memory allocated and tensors read
+
+
+def _is_a(value, tp):
+    # does a config.json value fit a dataclass annotation (int, float, str, bool, tuple, dict, X | None)?
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_is_a(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool or isinstance(value, bool):
+        return tp is bool and isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if tp is tuple:  # of numbers: dec_ch_mult, dec_attn, betas
+        return isinstance(value, (list, tuple)) and all(_is_a(v, float) for v in value)
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, (dict, tp))
+    return isinstance(value, tp)
+
+
+def check_types(config, source):
+    """Every field of a model config has its annotated type, and numbers are finite and ≥ 0 (sizes,
+    weights, rates), or ValueError naming source, field and value: a config.json with "width": "1152"
+    or "heads": -2 fails here, not deep in a layer."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if not _is_a(value, f.type):
+            raise ValueError(f"{source}: {f.name} = {value!r} is not of type {getattr(f.type, '__name__', f.type)}")
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0
+               for v in (value if isinstance(value, (list, tuple)) else [value])):
+            raise ValueError(f"{source}: {f.name} = {value!r} is negative")
+    return config
+
+
+def config_from_dict(cls, d, source):
+    """A config dataclass from a parsed config.json: unknown keys and wrong types are one-line errors."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}")
+    try:
+        return check_types(cls(**d), source)
+    except TypeError as e:  # a required field missing
+        raise ValueError(f"{source}: {e}") from None
+
+
+def read_json(path):
+    """A JSON file -> its value; a missing, unreadable or malformed file is one ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+
+
+def confined(root, name, source):
+    """root/name for a file name read from a file (a shard in an index, a checkpoint's tokenizer
+    path): a relative path that stays inside root, never an absolute one or one that climbs out."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or \
+            os.path.normpath(name).split(os.sep)[0] == os.pardir:
+        raise ValueError(f"{source}: {name!r} is not a file name inside {root}")
+    return os.path.join(root, name)
+
+
+def build_on_meta(cls, config, source):
+    """cls(config) on the meta device: shape checks run and nothing is allocated, so a nonsense or
+    huge config fails here in one line. Give the result storage with load_strict."""
+    try:
+        with torch.device("meta"):
+            return cls(config)
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as e:
+        raise ValueError(f"{source}: {str(e).splitlines()[0]}") from None
+
+
+def check_fits(model, device):
+    """A model built on meta whose fp32 weights alone exceed the memory of `device` ("auto", "cpu",
+    "cuda[:i]") is refused in one line, before an allocation would fail or swap for minutes."""
+    need = 4 * sum(t.numel() for t in itertools.chain(model.parameters(), model.buffers()))
+    name = "cuda" if device == "auto" and torch.cuda.is_available() else device
+    if str(name).startswith("cuda") and torch.cuda.is_available():
+        have = torch.cuda.get_device_properties(torch.device(name).index or 0).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ValueError(f"the model's weights alone need {need / 2**30:.1f} GiB, {name} has {have / 2**30:.1f} GiB: "
+                         "check the config's sizes")
+    return model
+
+
+def safetensors_files(path):
+    """A model directory -> its weight files: model.safetensors, or the shards named in
+    model.safetensors.index.json's weight_map (HF's layout), confined to the directory."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
-    return [os.path.join(path, "model.safetensors")]
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no weight_map object")
+        return [confined(path, n, index) for n in sorted(set(weight_map.values()), key=str)], weight_map
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    return [single], None
+
+
+def safetensors_shapes(path):
+    """-> (files, {key: shape}) from the headers alone; a truncated or foreign file is one line."""
+    files, weight_map = safetensors_files(path)
+    shapes = {}
+    for fn in files:
+        try:
+            with safe_open(fn, framework="pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except Exception as e:  # safetensors raises its own SafetensorError, OSError or others
+            raise ValueError(f"{fn}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    if weight_map is not None and set(shapes) != set(weight_map):
+        raise ValueError(f"{path}/model.safetensors.index.json: the shards hold {sorted(set(shapes) - set(weight_map))[:5]} "
+                         f"not in its weight_map and lack {sorted(set(weight_map) - set(shapes))[:5]}")
+    return files, shapes
+
+
+def check_state_shapes(want, got, source, hint=""):
+    """Strict: `got` (checkpoint key -> shape) holds exactly the keys of `want` (checkpoint key ->
+    (our name, our shape)), each with our shape. ValueError naming the keys, or the key and both shapes."""
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"{source}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected "
+                         f"keys {unexpected[:8]}{hint}")
+    bad = [f"{k}{'' if k == ours else f' (ours {ours})'} checkpoint {tuple(got[k])} vs model {tuple(shape)}"
+           for k, (ours, shape) in want.items() if tuple(got[k]) != tuple(shape)]
+    if bad:
+        raise ValueError(f"{source}: shape mismatch: " + "; ".join(bad[:5]))
+
+
+def load_strict(model, path, device="cpu", key_map=None, hint=""):
+    """Strict load of a model directory's safetensors (one file or shards) into `model` built on the
+    meta device (build_on_meta). key_map: checkpoint key -> ours (default: the same names). Headers
+    first: nothing is allocated or read until every key and shape matches. Tensors are cast to the
+    model's dtype. -> model, on `device`."""
+    own = model.state_dict()
+    key_map = key_map or {k: k for k in own}
+    assert sorted(key_map.values()) == sorted(own), "key map out of date"
+    files, shapes = safetensors_shapes(path)
+    check_state_shapes({k: (ours, own[ours].shape) for k, ours in key_map.items()}, shapes, path, hint)
+    model.to_empty(device=device)
+    own = model.state_dict()
+    with torch.no_grad():
+        for fn in files:  # one shard in memory at a time
+            for k, t in load_file(fn, device=str(device)).items():
+                own[key_map[k]].copy_(t)
+    return model
 
 
 def sincos_2d(grid, width, temperature=10000.0):
@@ -469,27 +619,24 @@ class SigLIP(nn.Module):
     @classmethod
     def from_pretrained(cls, path):
         """A transformers SigLIP directory: config.json + model.safetensors (or sharded), fp32 or bf16."""
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
+        source = os.path.join(path, "config.json")
+        hf = read_json(source)
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source}: expected a JSON object")
         resample = None
         preprocessor = os.path.join(path, "preprocessor_config.json")
         if os.path.exists(preprocessor):
-            with open(preprocessor) as f:
-                resample = _PIL_RESAMPLE[json.load(f).get("resample", 3)]  # HF's SigLIP default: bicubic
-        config = SigLIPConfig.from_hf(hf, resample)
-        # Built on meta and then given storage: every parameter is overwritten below, so skip init.
-        with torch.device("meta"):
-            model = cls(config)
-        model.to_empty(device="cpu")
-        files = _safetensors_files(path)
-        shapes = {}
-        for fn in files:  # check every key and shape from the headers before reading any tensor
-            with safe_open(fn, framework="pt") as f:
-                shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
-        model.check_hf_shapes(shapes)
-        for fn in files:
-            model._copy_hf(load_file(fn))
-        return model.eval()  # as transformers does; training calls .train()
+            p = read_json(preprocessor)
+            resample = _PIL_RESAMPLE.get(p.get("resample", 3) if isinstance(p, dict) else None)  # HF's default: bicubic
+            if resample is None:
+                raise ValueError(f"{preprocessor}: resample must be 2 (bilinear) or 3 (bicubic)")
+        try:
+            config = check_types(SigLIPConfig.from_hf(hf, resample), source)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        # Built on meta and then given storage: every parameter is overwritten, so skip init.
+        model = build_on_meta(cls, config, source)
+        return load_strict(model, path, key_map=model.hf_key_map()).eval()  # training calls .train()
 
     def save_pretrained(self, path):
         """Writes the transformers layout (config.json, model.safetensors, preprocessor_config.json), so
@@ -540,12 +687,13 @@ class TokenizerConfig:
         return self.latent_size * 2 ** (len(self.dec_ch_mult) - 1)
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, source="config"):
         d = dict(d)
-        d["siglip"] = SigLIPConfig(**d["siglip"])
+        d["siglip"] = config_from_dict(SigLIPConfig, d.get("siglip"), f"{source}: siglip")
         for k in ("dec_ch_mult", "dec_attn"):  # JSON lists back to tuples, so configs compare equal
-            d[k] = tuple(d[k])
-        return cls(**d)
+            if isinstance(d.get(k), list):
+                d[k] = tuple(d[k])
+        return config_from_dict(cls, d, source)
 
 
 TOKENIZER_PRESETS = {
@@ -825,17 +973,13 @@ class DualTokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu"):
-        with open(os.path.join(path, "config.json")) as f:
-            d = json.load(f)
-        if d.pop("format", None) != CHECKPOINT_FORMAT:
+        source = os.path.join(path, "config.json")
+        d = read_json(source)
+        if not isinstance(d, dict) or d.pop("format", None) != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
-        # Built on meta, then given storage: the strict load below overwrites every tensor.
-        with torch.device("meta"):
-            model = cls(TokenizerConfig.from_dict(d))
-        model.to_empty(device=device)
-        state_dict = load_file(os.path.join(path, "model.safetensors"), device=str(device))
-        model.load_state_dict(state_dict, strict=True)  # errors name the key and both shapes
-        return model.eval()  # as transformers does; training calls .train()
+        # Built on meta, then given storage: the strict load overwrites every tensor.
+        model = build_on_meta(cls, TokenizerConfig.from_dict(d, source), source)
+        return load_strict(model, path, device).eval()  # as transformers does; training calls .train()
 
 
 # -----------------------------------------------------------------------------
@@ -1045,8 +1189,7 @@ def tokenizer_config(cfg, siglip_config):
     c = replace(c, **{k: getattr(cfg, k) for k in ("rec_layer", "sem_layer", "shortcut_weight", "codebook_size")
                       if getattr(cfg, k) is not None}, joint=cfg.ablation == "joint")
     try:  # DualTokenizer checks the taps against the backbone; on meta that costs no memory
-        with torch.device("meta"):
-            DualTokenizer(c)
+        check_fits(build_on_meta(DualTokenizer, c, "the tokenizer config"), cfg.device)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return c

@@ -54,8 +54,9 @@ from tqdm import tqdm
 
 from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, NoSamples, ShapesDataset, WebDataset,
                   encode_chat, load_text_tokenizer, shapes_sample, to_tensor)
-from tokenizer import (MANIFEST, DualTokenizer, Env, UsageError, check_ranks_in_sync, latest_checkpoint, synced_tensors,
-                       verify_checkpoint, write_checkpoint)
+from tokenizer import (MANIFEST, DualTokenizer, Env, UsageError, build_on_meta, check_fits, check_ranks_in_sync,
+                       check_state_shapes, check_types, config_from_dict, confined, latest_checkpoint, load_strict,
+                       read_json, safetensors_shapes, synced_tensors, verify_checkpoint, write_checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,6 +78,7 @@ class Qwen2Config:
     max_seq_len: int = 32768         # HF max_position_embeddings; informational, RoPE has no table
 
     def __post_init__(self):
+        check_types(self, "Qwen2Config")  # a config.json value of the wrong type fails here, by name
         if self.head_dim is None:
             self.head_dim = self.dim // self.n_head
         if self.n_head % self.n_kv_head:
@@ -89,6 +91,19 @@ class Qwen2Config:
         if name not in PRESETS:
             raise ValueError(f"unknown Qwen2 preset {name!r}; known: {', '.join(PRESETS)}")
         return cls(**PRESETS[name])
+
+    @classmethod
+    def from_hf_file(cls, path):
+        """from_hf of a config.json file, with every problem one ValueError naming the file."""
+        hf = read_json(path)
+        try:
+            if not isinstance(hf, dict):
+                raise ValueError("expected a JSON object")
+            return check_types(cls.from_hf(hf), path)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            msg = str(e).splitlines()[0] if str(e) else ""
+            msg = msg if msg.startswith(str(path)) else f"{path}: " + (f"no {msg}" if isinstance(e, KeyError) else msg)
+            raise ValueError(msg) from None
 
     @classmethod
     def from_hf(cls, hf):
@@ -467,25 +482,20 @@ class Qwen2(nn.Module):
                 out[hf] = ours
         return out
 
+    def _hf_hint(self, keys):
+        # the usual cause of a lm_head.weight mismatch, said in words
+        if "lm_head.weight" in keys and self.lm_head is None:
+            return " (lm_head.weight in a checkpoint whose config ties the embeddings)"
+        if "lm_head.weight" not in keys and self.lm_head is not None:
+            return " (no lm_head.weight: is the checkpoint tied while config.json says untied?)"
+        return ""
+
     def load_hf_state_dict(self, sd, assign=False):
         """Load an HF-keyed state dict strictly: every key present, none unexpected, every shape
         equal. assign=True takes the tensors as they are (for a model built on the meta device)."""
         key_map, own = self.hf_key_map(), self.state_dict()
-        missing = [k for k in key_map if k not in sd]
-        unexpected = [k for k in sd if k not in key_map]
-        if missing or unexpected:
-            hint = ""
-            if "lm_head.weight" in unexpected and self.lm_head is None:
-                hint = " (lm_head.weight in a checkpoint whose config ties the embeddings)"
-            if "lm_head.weight" in missing:
-                hint = " (no lm_head.weight: is the checkpoint tied while config.json says untied?)"
-            raise ValueError(f"checkpoint does not match {self.config}: {len(missing)} missing "
-                             f"{missing[:10]}, {len(unexpected)} unexpected {unexpected[:10]}{hint}")
-        bad = [f"{k} (ours {ours}): checkpoint shape {tuple(sd[k].shape)}, "
-               f"model shape {tuple(own[ours].shape)}"
-               for k, ours in key_map.items() if sd[k].shape != own[ours].shape]
-        if bad:
-            raise ValueError("shape mismatch:\n  " + "\n  ".join(bad))
+        check_state_shapes({k: (ours, own[ours].shape) for k, ours in key_map.items()},
+                           {k: v.shape for k, v in sd.items()}, "checkpoint", self._hf_hint(sd))
         self.load_state_dict({ours: sd[k].to(own[ours].dtype) for k, ours in key_map.items()},
                              strict=True, assign=assign)
 
@@ -497,14 +507,17 @@ class Qwen2(nn.Module):
     def from_pretrained(cls, path, dtype=None):
         """A Qwen2 from an HF directory: config.json + model.safetensors, or shards listed in
         model.safetensors.index.json. dtype None keeps the checkpoint's (that of its embedding)."""
-        path = Path(path)
-        config = Qwen2Config.from_hf(json.loads((path / "config.json").read_text()))
-        sd = load_safetensors(path)
-        dtype = dtype or sd.get("model.embed_tokens.weight", next(iter(sd.values()))).dtype
-        with torch.device("meta"):  # no random init of weights that are about to be replaced
-            model = cls(config).to(dtype)
-        model.load_hf_state_dict(sd, assign=True)
-        return model
+        source = os.path.join(path, "config.json")
+        config = Qwen2Config.from_hf_file(source)
+        model = build_on_meta(cls, config, source)  # no random init of weights about to be replaced
+        files, shapes = safetensors_shapes(path)
+        if dtype is None:
+            for fn in files:
+                with safe_open(fn, framework="pt") as f:
+                    if "model.embed_tokens.weight" in f.keys():
+                        dtype = f.get_slice("model.embed_tokens.weight").get_dtype()
+            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
+        return load_strict(model.to(dtype), path, key_map=model.hf_key_map(), hint=model._hf_hint(shapes))
 
     def save_pretrained(self, path):
         """Write an HF-format directory (config.json + model.safetensors) that both
@@ -518,20 +531,8 @@ class Qwen2(nn.Module):
 
 def load_safetensors(path):
     """All tensors of an HF checkpoint directory, single-file or sharded, keyed as stored."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        sd = {}
-        for shard in sorted(set(weight_map.values())):
-            sd.update(load_file(path / shard))
-        if set(sd) != set(weight_map):
-            raise ValueError(f"{index}: shards hold {sorted(set(sd) - set(weight_map))} not in the "
-                             f"weight_map, and lack {sorted(set(weight_map) - set(sd))}")
-        return sd
-    if (path / "model.safetensors").exists():
-        return load_file(path / "model.safetensors")
-    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+    files, _ = safetensors_shapes(path)  # shard names confined to path, headers checked
+    return {k: v for fn in files for k, v in load_file(fn).items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,6 +601,7 @@ class UnifiedConfig:
     def __post_init__(self):
         if isinstance(self.llm, dict):
             self.llm = Qwen2Config(**self.llm)
+        check_types(self, "UnifiedConfig")
         if self.depth_dim is None:
             self.depth_dim = self.llm.dim
         if self.depth_mlp is None:
@@ -909,28 +911,18 @@ class UnifiedModel(nn.Module):
         for f in ("config.json", "model.safetensors"):
             if not (path / f).is_file():
                 raise FileNotFoundError(f"{path}: no {f} (not a UnifiedModel.save_pretrained directory)")
-        d = json.loads((path / "config.json").read_text())
-        if d.pop("format", None) != UNIFIED_FORMAT:
-            raise ValueError(f"{path / 'config.json'}: not a {UNIFIED_FORMAT} checkpoint")
-        if d["text_tokenizer"] not in (None, "bytes"):
-            d["text_tokenizer"] = str(path / d["text_tokenizer"])
-        config = UnifiedConfig(**d)
-        with torch.device("meta"):  # no random init of weights that are about to be replaced
-            model = cls(config)
-        # fp32 whatever the file holds (a bf16 checkpoint too): CPU sampling runs fp32, CUDA autocasts
-        sd = {k: v.float() if v.is_floating_point() else v
-              for k, v in load_file(path / "model.safetensors", device=str(device)).items()}
-        own = model.state_dict()
-        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"{path / 'model.safetensors'}: {len(missing)} missing keys {missing[:5]}, "
-                             f"{len(unexpected)} unexpected keys {unexpected[:5]}")
-        bad = [f"{k} checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-               for k, v in own.items() if sd[k].shape != v.shape]
-        if bad:
-            raise ValueError(f"{path / 'model.safetensors'}: shape mismatch: " + "; ".join(bad[:5]))
-        model.load_state_dict(sd, strict=True, assign=True)
-        return model.eval()
+        source = str(path / "config.json")
+        d = read_json(source)
+        if not isinstance(d, dict) or d.pop("format", None) != UNIFIED_FORMAT:
+            raise ValueError(f"{source}: not a {UNIFIED_FORMAT} checkpoint")
+        if d.get("text_tokenizer") not in (None, "bytes"):  # a directory inside this one, never elsewhere
+            d["text_tokenizer"] = confined(str(path), d["text_tokenizer"], f"{source}: text_tokenizer")
+        if isinstance(d.get("llm"), dict):
+            d["llm"] = config_from_dict(Qwen2Config, d["llm"], f"{source}: llm")
+        # no random init of weights that are about to be replaced; fp32 whatever the file holds (a bf16
+        # checkpoint too): CPU sampling runs fp32, CUDA autocasts
+        model = build_on_meta(cls, config_from_dict(UnifiedConfig, d, source), source)
+        return load_strict(model, str(path), device).eval()
 
 
 def _stored(v, dtype):
@@ -1364,7 +1356,7 @@ def build_config(tc, model_kw, tokenizer):
     if tc.llm in PRESETS:
         kw["llm"] = Qwen2Config.preset(tc.llm)
     elif tc.llm:
-        kw["llm"] = Qwen2Config.from_hf(json.loads((Path(tc.llm) / "config.json").read_text()))
+        kw["llm"] = Qwen2Config.from_hf_file(os.path.join(tc.llm, "config.json"))
         kw.setdefault("text_tokenizer", tc.llm)  # Qwen2.5 directories ship their tokenizer
     t = tokenizer.config
     kw.update(code_dim=t.code_dim, codebook_size=t.codebook_size, rvq_depth=t.depth, grid=t.siglip.grid)
@@ -1440,6 +1432,7 @@ def _train(tc, model_kw, rank, world, device):
             raise ValueError(f"--tokenizer is not the tokenizer of the run in {ckpt}")
     else:
         config = build_config(tc, model_kw, tokenizer)
+        check_fits(build_on_meta(UnifiedModel, config, "the model config"), device)  # before any allocation
         llm = Qwen2.from_pretrained(tc.llm, dtype=torch.float32) if tc.llm and tc.llm not in PRESETS else None
         model = UnifiedModel.from_tokenizer(config, tokenizer, llm)
     config = model.config

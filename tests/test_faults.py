@@ -30,7 +30,7 @@ import data as D
 import tokenizer as T
 import unified as U
 from test_tokenizer_train import TINY_SIGLIP, teacher_dir  # noqa: F401 (a fixture)
-from test_unified_model import TINY_MODEL_KW, tiny_tokenizer, train_config
+from test_unified_model import TINY_MODEL_KW, tiny_config, tiny_tokenizer, train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tests/test_tokenizer_train.py's tiny stage 1, 4 steps with a checkpoint every 2
@@ -405,3 +405,133 @@ def test_rank_digest_compares_exact_bits():
     # the check counts what it compares; one process has nobody to disagree with
     env = T.Env(0, 1, torch.device("cpu"), False, None)
     assert T.check_ranks_in_sync(env, [a, swapped]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# untrusted files: LLaVA json entries, shard names, a checkpoint's paths, configs
+
+def test_llava_malformed_entries_and_escaping_paths_are_skipped_and_counted(tmp_path):
+    root, outside = tmp_path / "img", tmp_path / "secret"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    for p in (root / "x.png", root / "sub" / "y.png", outside / "z.png"):
+        Image.new("RGB", (6, 6), (0, 255, 0)).save(p)
+    good = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Green."}]
+    oks = [
+        {"id": "ok1", "image": "x.png", "conversations": good},
+        {"id": "ok2", "image": "sub/../sub/y.png", "conversations": good},  # ".." that stays inside
+        {"id": "ok3", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
+    bad = [
+        "not an object", None, 7,                                                 # bad_conversation × 3
+        {"id": "nokey", "image": "x.png"},                                        # bad_conversation
+        {"id": "notlist", "image": "x.png", "conversations": "hi"},              # bad_conversation
+        {"id": "empty", "image": "x.png", "conversations": []},                  # bad_conversation
+        {"id": "novalue", "image": "x.png", "conversations": [{"from": "human"}]},           # bad_conversation
+        {"id": "intvalue", "conversations": [{"from": "human", "value": 3}]},                # bad_conversation
+        {"id": "role", "image": "x.png", "conversations": [{"from": "robot", "value": "<image>"}]},  # bad_conversation
+        {"id": "listrole", "conversations": [{"from": ["human"], "value": "hi"}]},           # bad_conversation
+        {"id": "imgtype", "image": 5, "conversations": good},                    # bad_conversation
+        {"id": "imglist", "image": ["x.png", 3], "conversations": good},         # bad_conversation
+        {"id": "missing", "image": "nope.png", "conversations": good},           # bad_image (no such file)
+        {"id": "abs", "image": str(outside / "z.png"), "conversations": good},   # bad_path
+        {"id": "dotdot", "image": "../secret/z.png", "conversations": good},     # bad_path
+        {"id": "deep", "image": "sub/../../secret/z.png", "conversations": good},  # bad_path
+    ]
+    # each bad entry followed by a good one, which serves its index: one skip counted per bad entry
+    entries = [e for i, b in enumerate(bad) for e in (b, oks[i % 3])]
+    (tmp_path / "llava.json").write_text(json.dumps(entries))
+    ds = D.LlavaDataset(tmp_path / "llava.json", root, size=4)
+    got = [b["id"] for batch in torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=list) for b in batch]
+    # a whole epoch: every bad entry replaced by the next good one, nothing raised
+    assert len(got) == len(entries) and set(got) == {"ok1", "ok2", "ok3"}
+    assert ds.stats["samples"] == len(entries)
+    assert {k: v for k, v in ds.stats.items() if v and k != "samples"} == \
+        dict(bad_conversation=12, bad_image=1, bad_path=3)
+    # jsonl: a line that is not JSON is one bad entry
+    (tmp_path / "llava.jsonl").write_text(json.dumps(oks[0]) + "\n{broken\n")
+    ds = D.LlavaDataset(tmp_path / "llava.jsonl", root, size=4)
+    assert [ds[i]["id"] for i in range(2)] == ["ok1", "ok1"] and ds.stats["bad_conversation"] == 1
+    # nothing readable at all: NoSamples in one line, not an endless loop or a bare RuntimeError
+    (tmp_path / "bad.json").write_text(json.dumps(bad[:5]))
+    with pytest.raises(D.NoSamples, match="no readable sample in 5 items"):
+        D.LlavaDataset(tmp_path / "bad.json", root, size=4)[0]
+    (tmp_path / "obj.json").write_text(json.dumps({"id": 1}))
+    with pytest.raises(ValueError, match="expected a JSON list"):
+        D.LlavaDataset(tmp_path / "obj.json", root, size=4)
+
+
+def _one_line_value_error(fn, message):
+    with pytest.raises(ValueError) as e:
+        fn()
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_shard_names_and_text_tokenizer_paths_are_confined_to_the_checkpoint(tmp_path):
+    src = tmp_path / "qwen"
+    U.Qwen2(U.Qwen2Config(**{**U.PRESETS["shapes"], "n_layer": 1, "dim": 32, "intermediate_size": 64,
+                             "n_head": 2, "n_kv_head": 1})).save_pretrained(src)
+    (tmp_path / "outside.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    keys = list(load_file(src / "model.safetensors"))
+    os.rename(src / "model.safetensors", src / "part-1.safetensors")
+    for name in ("../outside.safetensors", str(tmp_path / "outside.safetensors"), ""):
+        (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: name for k in keys}}))
+        for load in (lambda: U.Qwen2.from_pretrained(src), lambda: U.load_safetensors(src)):
+            _one_line_value_error(load, f"{name!r} is not a file name inside {src}")
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "part-1.safetensors" for k in keys}}))
+    assert U.Qwen2.from_pretrained(src).config.dim == 32  # a proper index loads
+    # a truncated shard: one line from its header, before anything is allocated
+    data = (src / "part-1.safetensors").read_bytes()
+    (src / "part-1.safetensors").write_bytes(data[:len(data) // 2])
+    _one_line_value_error(lambda: U.Qwen2.from_pretrained(src), "not a readable safetensors file")
+
+    # a unified checkpoint's text_tokenizer names a directory inside it, never one elsewhere
+    tok = tiny_tokenizer()
+    model = U.UnifiedModel.from_tokenizer(tiny_config(), tok)
+    ckpt = tmp_path / "unified"
+    model.save_pretrained(ckpt, tok)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    for bad in ("../qwen", "/etc", "text_tokenizer/../../qwen"):
+        (ckpt / "config.json").write_text(json.dumps({**cfg, "text_tokenizer": bad}))
+        _one_line_value_error(lambda: U.UnifiedModel.from_pretrained(ckpt), f"{bad!r} is not a file name inside")
+
+
+def test_configs_are_checked_before_any_allocation(tmp_path):
+    tok = tiny_tokenizer()
+    tok.save_pretrained(str(tmp_path / "tok"))
+    cfg = json.loads((tmp_path / "tok" / "config.json").read_text())
+
+    def tokenizer_with(name, **siglip):
+        d = tmp_path / name
+        shutil.copytree(tmp_path / "tok", d)
+        (d / "config.json").write_text(json.dumps({**cfg, "siglip": {**cfg["siglip"], **siglip}}))
+        return str(d)
+
+    # a config far too large for the file: refused from the headers in a moment, nothing allocated
+    # (the old loader gave the model storage first: 2^22-wide layers are terabytes)
+    t = time.time()
+    _one_line_value_error(lambda: T.DualTokenizer.from_pretrained(tokenizer_with("huge", width=2**22, mlp=2**22)),
+                          "huge: 2 missing keys ['post_quant.skip.bias', 'post_quant.skip.weight']")
+    assert time.time() - t < 10
+    _one_line_value_error(lambda: T.DualTokenizer.from_pretrained(tokenizer_with("str", width="64")),
+                          "siglip: width = '64' is not of type int")
+    _one_line_value_error(lambda: T.DualTokenizer.from_pretrained(tokenizer_with("nan", layer_norm_eps=float("nan"))),
+                          "layer_norm_eps = nan is not of type float")
+    _one_line_value_error(lambda: T.DualTokenizer.from_pretrained(tokenizer_with("unknown", colour=1)),
+                          "unknown key(s) ['colour']")
+    _one_line_value_error(lambda: T.DualTokenizer.from_pretrained(tokenizer_with("negative", heads=-2)),
+                          "negative/config.json: siglip: heads = -2 is negative")
+    # HF configs the same way: a Qwen2 config.json with a wrongly typed or missing value
+    src = tmp_path / "qwen"
+    U.Qwen2(U.Qwen2Config(**{**U.PRESETS["shapes"], "n_layer": 1})).save_pretrained(src)
+    hf = json.loads((src / "config.json").read_text())
+    for change, message in ((dict(hidden_size=2**22, intermediate_size=2**22), "shape mismatch"),
+                            (dict(num_hidden_layers="4"), "n_layer = '4' is not of type int"),
+                            (dict(hidden_size=None), "dim = None is not of type int")):
+        (src / "config.json").write_text(json.dumps({**hf, **change}))
+        _one_line_value_error(lambda: U.Qwen2.from_pretrained(src), message)
+    del hf["vocab_size"]
+    (src / "config.json").write_text(json.dumps(hf))
+    _one_line_value_error(lambda: U.Qwen2.from_pretrained(src), "config.json: no 'vocab_size'")
+    # stage 2 from flags: a model that cannot fit in memory is refused before it is built
+    with pytest.raises(ValueError, match=r"the model's weights alone need \d+\.\d GiB"):
+        U.train(train_config(tmp_path / "run", str(tmp_path / "tok")), dict(TINY_MODEL_KW, depth_dim=2**20, depth_heads=1))
