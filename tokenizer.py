@@ -36,7 +36,7 @@ import time
 import types
 import typing
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import NamedTuple, Optional
 
@@ -619,6 +619,13 @@ class SigLIP(nn.Module):
     @classmethod
     def from_pretrained(cls, path):
         """A transformers SigLIP directory: config.json + model.safetensors (or sharded), fp32 or bf16."""
+        # Built on meta and then given storage: every parameter is overwritten, so skip init.
+        model = build_on_meta(cls, cls.read_config(path), os.path.join(path, "config.json"))
+        return load_strict(model, path, key_map=model.hf_key_map()).eval()  # training calls .train()
+
+    @staticmethod
+    def read_config(path):
+        """The SigLIPConfig of a transformers SigLIP directory; one ValueError naming the file otherwise."""
         source = os.path.join(path, "config.json")
         hf = read_json(source)
         if not isinstance(hf, dict):
@@ -634,9 +641,7 @@ class SigLIP(nn.Module):
             config = check_types(SigLIPConfig.from_hf(hf, resample), source)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        # Built on meta and then given storage: every parameter is overwritten, so skip init.
-        model = build_on_meta(cls, config, source)
-        return load_strict(model, path, key_map=model.hf_key_map()).eval()  # training calls .train()
+        return config
 
     def save_pretrained(self, path):
         """Writes the transformers layout (config.json, model.safetensors, preprocessor_config.json), so
@@ -1073,8 +1078,10 @@ STAGES = ("teacher", "tokenizer", "eval")
 ABLATIONS = ("", "joint", "recon_only")
 
 
-class UsageError(Exception):
-    # A mistake on the command line or a missing input: main() prints it as one line, no traceback.
+class UsageError(ValueError):
+    # A mistake on the command line or in an input the user named (a wrong value, a missing, foreign or
+    # damaged file): run_main prints it as one line, no traceback. A ValueError, which callers from
+    # Python catch as they catch any wrong value.
     pass
 
 
@@ -1108,8 +1115,90 @@ class Env(NamedTuple):
 
 
 class _Parser(argparse.ArgumentParser):
+    # every command line of this project: no prefix abbreviations (--l is not --lr), errors as UsageError
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):    # argparse would print the whole usage first: one line instead
         raise UsageError(f"{message} (see --help)")
+
+
+def run_main(prog, main, argv=None):
+    """The error handler of every command line here: a user's mistake (UsageError, or data without a
+    readable sample) is `prog: error: message`, one line on stderr, and exit 2; never a traceback."""
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    except (UsageError, NoSamples) as e:
+        print(f"{prog}: error: " + " ".join(str(e).split("\n")), file=sys.stderr)
+        sys.exit(2)
+
+
+@contextmanager
+def reading(what):
+    """Reading a file or directory the user named (`what`: the flag and its value): a missing,
+    truncated, foreign or mistyped one becomes a UsageError naming it, one line."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, OSError, KeyError) as e:
+        msg = " ".join(str(e).split("\n")) or type(e).__name__
+        raise UsageError(f"{what}: {'no ' + msg if isinstance(e, KeyError) else msg}") from None
+
+
+def model_dir(flag, path, hint=""):
+    """A directory flag: a path that is not there is refused in one line; a hub id (org/name) gets a
+    hint, since everything here reads local directories."""
+    if not os.path.isdir(path):
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path):
+            hint = (f" (a Hugging Face hub id? download it first: huggingface-cli download {path} "
+                    f"--local-dir DIR, then {flag} DIR)")
+        raise UsageError(f"{flag} {path}: no such directory{hint}")
+    return path
+
+
+def writable_dir(flag, path):
+    """An output directory, made if needed and written to once, before any work it would be lost to."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: not a writable directory ({e.strerror or e})") from None
+    return path
+
+
+def check_device(flag, name):
+    """"auto", "cpu", "cuda" or "cuda:N" of a CUDA device present -> name; anything else one line."""
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"{flag} {name!r}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag} {name!r}: this code runs on cpu or cuda")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"{flag} {name!r}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    return name
+
+
+def check_numbers(cfg, at_least_1=(), at_least_0=(), fractions=()):
+    """Numeric settings of a config dataclass: every float finite (nan/inf refused), counts and
+    intervals ≥ 1, the others named ≥ 0, fractions in [0, 1]; UsageError naming the flag."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+            raise UsageError(f"--{f.name} {value}: must be a finite number")
+    for name in at_least_1:
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in at_least_0:
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name} must be 0 or more, got {getattr(cfg, name)}")
+    for name in fractions:
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise UsageError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
 
 
 def _parse_bool(s):
@@ -1130,7 +1219,7 @@ def _parse_floats(s):
 def parse_args(argv):
     """Command line -> TrainConfig: the preset's values (or the defaults), then the flags given.
     One flag per TrainConfig field, typed from its annotation; unknown flags are errors."""
-    p = _Parser(prog="tokenizer.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
+    p = _Parser(prog="tokenizer.py", argument_default=argparse.SUPPRESS,
                 description="DualToken stage 1: train / evaluate the tokenizer, or the shapes teacher.")
     p.add_argument("--preset", help=f"start from a named configuration: {', '.join(TRAIN_PRESETS)}")
     for f in fields(TrainConfig):
@@ -1160,11 +1249,14 @@ def check_config(cfg):
                                  ("disc_norm", cfg.disc_norm, ("batch", "act"))):
         if value not in allowed:
             raise UsageError(f"--{name} {value!r}: choose from {', '.join(map(repr, allowed))}")
-    for name in ("max_steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "eval_every", "eval_n"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name} must be at least 1")
-    if len(cfg.betas) != 2:
-        raise UsageError(f"--betas takes two numbers, got {cfg.betas}")
+    check_numbers(cfg, at_least_1=("max_steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "eval_every",
+                                   "eval_n"),
+                  at_least_0=("lr", "min_lr", "weight_decay", "warmup", "decay_steps", "grad_clip", "disc_start",
+                              "workers", "hard_negatives", "sem_weight", "sem_layer_weight", "sem_pool_weight",
+                              "commit_weight", "mse_weight", "lpips_weight", "gan_weight"))
+    check_device("--device", cfg.device)
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise UsageError(f"--betas takes two numbers in [0, 1), got {cfg.betas}")
     if cfg.eval and cfg.stage == "teacher":  # would otherwise retrain and overwrite the teacher
         raise UsageError("--eval evaluates a tokenizer checkpoint; the teacher stage reports its own zero-shot")
     if cfg.ablation == "joint":
@@ -1215,7 +1307,11 @@ def check_inputs(cfg):
         return
     if cfg.siglip and not _is_siglip_dir(cfg.siglip):
         hint = " (make it first: python tokenizer.py --preset shapes-teacher)" if cfg.data == "shapes" else ""
+        model_dir("--siglip", cfg.siglip, hint)
         raise UsageError(f"--siglip {cfg.siglip}: not a SigLIP directory (no config.json){hint}")
+    if cfg.siglip:
+        with reading(f"--siglip {cfg.siglip}"):  # the wrong kind of directory (a tokenizer's, an LLM's) in one line
+            SigLIP.read_config(cfg.siglip)
     if cfg.lpips and not os.path.isfile(cfg.lpips):
         raise UsageError(f"--lpips {cfg.lpips}: no such file (make it with: python losses.py convert-lpips ...)")
     if cfg.eval_data and not os.path.isdir(cfg.eval_data):
@@ -1665,6 +1761,21 @@ def resume_dir(out_dir):
     raise UsageError(f"--resume: no checkpoint in --out_dir {out_dir}")
 
 
+def read_train_state(path):
+    """A train_state.pt -> dict, unpickling tensors and plain containers only (weights_only: a file is
+    data, never code); a missing or damaged one is one line."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about a foreign pickle protocol before it fails
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, pickle and torch errors alike
+        raise UsageError(f"{path}: not a readable train state ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UsageError(f"{path}: not a train state (no step)")
+    return state
+
+
 def save_checkpoint(cfg, env, model, disc, opt, dopt, step):
     # Model: save_pretrained from the unwrapped, uncompiled module (no DDP/compile key prefixes).
     # Training state apart, in one torch file readable with weights_only=True: optimizers,
@@ -1689,7 +1800,7 @@ def save_checkpoint(cfg, env, model, disc, opt, dopt, step):
 
 
 def load_train_state(cfg, env, path, disc, opt, dopt):
-    state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
+    state = read_train_state(os.path.join(path, "train_state.pt"))
     if state.get("format") != TRAIN_STATE_FORMAT:
         raise UsageError(f"{path}/train_state.pt is not a {TRAIN_STATE_FORMAT} file")
     opt.load_state_dict(state["optimizer"])
@@ -1742,14 +1853,16 @@ def _all_reduce_grads(module, world):
 def train_tokenizer(cfg, env):
     log = tqdm.write if env.master else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)  # identical initialization on every rank
-    siglip = SigLIP.from_pretrained(cfg.siglip)
+    with reading(f"--siglip {cfg.siglip}"):
+        siglip = SigLIP.from_pretrained(cfg.siglip)
     teacher = copy.deepcopy(siglip).requires_grad_(False).eval().to(env.device)  # F_0 of eq. (4), frozen
     mcfg = tokenizer_config(cfg, siglip.config)
     ckpt = resume_dir(cfg.out_dir) if cfg.resume else None
     if cfg.resume:
         if env.master and ckpt != cfg.out_dir:
             publish(cfg.out_dir, ckpt)
-        model = DualTokenizer.from_pretrained(ckpt)
+        with reading(f"--resume {ckpt}"):
+            model = DualTokenizer.from_pretrained(ckpt)
         if model.config != mcfg:
             diff = [k for k in asdict(mcfg) if asdict(mcfg)[k] != asdict(model.config)[k]]
             raise UsageError(f"--resume: the checkpoint {ckpt} has another model config ({', '.join(diff)})")
@@ -1760,7 +1873,8 @@ def train_tokenizer(cfg, env):
     model.grad_checkpointing = cfg.grad_checkpointing
     model.to(env.device).train()
     disc = PatchGAN(norm=cfg.disc_norm).to(env.device).train()
-    lpips = LPIPS.from_file(cfg.lpips).to(env.device) if cfg.lpips else None
+    with reading(f"--lpips {cfg.lpips}"):
+        lpips = LPIPS.from_file(cfg.lpips).to(env.device) if cfg.lpips else None
     fused = env.device.type == "cuda"
     opt = make_optimizer(model, cfg, fused)
     dopt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)  # official: Adam, no decay
@@ -1936,8 +2050,9 @@ def train_teacher(cfg, env):
         ckpt = resume_dir(cfg.out_dir)
         if env.master and ckpt != cfg.out_dir:
             publish(cfg.out_dir, ckpt)
-        model.load_state_dict(SigLIP.from_pretrained(ckpt).state_dict())
-        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
+        with reading(f"--resume {ckpt}"):
+            model.load_state_dict(SigLIP.from_pretrained(ckpt).state_dict())
+        state = read_train_state(os.path.join(ckpt, "train_state.pt"))
         if state.get("format") != TRAIN_STATE_FORMAT or state.get("stage") != "teacher":
             raise UsageError(f"{ckpt}/train_state.pt is not a teacher {TRAIN_STATE_FORMAT} file")
         opt.load_state_dict(state["optimizer"])
@@ -2014,12 +2129,15 @@ def siglip_zero_shot(siglip, cfg, env, dataset, encode):
 def run_eval(cfg, env):
     if not env.master:
         return
-    model = DualTokenizer.from_pretrained(cfg.out_dir, device=env.device)
+    with reading(f"--eval --out_dir {cfg.out_dir}"):
+        model = DualTokenizer.from_pretrained(cfg.out_dir, device=env.device)
     c = model.config
-    teacher = SigLIP.from_pretrained(cfg.siglip).to(env.device) if cfg.siglip else None
+    with reading(f"--siglip {cfg.siglip}"):
+        teacher = SigLIP.from_pretrained(cfg.siglip).to(env.device) if cfg.siglip else None
     if teacher is not None and teacher.config != c.siglip:
         raise UsageError(f"--siglip {cfg.siglip} is not the backbone of the tokenizer in {cfg.out_dir}")
-    lpips = LPIPS.from_file(cfg.lpips).to(env.device) if cfg.lpips else None
+    with reading(f"--lpips {cfg.lpips}"):
+        lpips = LPIPS.from_file(cfg.lpips).to(env.device) if cfg.lpips else None
     dataset = eval_dataset(cfg, c.siglip.image_size, c.siglip.resample)
     tasks = zero_shot_tasks(cfg, model.siglip, text_encoder(cfg, c.siglip.text_len), dataset, env.device)
     png_dir = os.path.join(cfg.out_dir, "eval")
@@ -2038,24 +2156,25 @@ def run_eval(cfg, env):
 
 
 def main(argv=None):
+    return run_main("tokenizer.py", _main, argv)
+
+
+def _main(argv):
+    cfg = parse_args(argv)
+    check_inputs(cfg)
+    if not (cfg.eval or cfg.stage == "eval"):
+        writable_dir("--out_dir", cfg.out_dir)  # before any work that could not be saved
+    env = setup(cfg)
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        check_inputs(cfg)
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        env = setup(cfg)
-        try:
-            if cfg.stage == "teacher":
-                train_teacher(cfg, env)
-            elif cfg.eval or cfg.stage == "eval":
-                run_eval(cfg, env)
-            else:
-                train_tokenizer(cfg, env)
-        finally:
-            if env.ddp:
-                dist.destroy_process_group()
-    except (UsageError, NoSamples) as e:
-        print(f"tokenizer.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if cfg.stage == "teacher":
+            train_teacher(cfg, env)
+        elif cfg.eval or cfg.stage == "eval":
+            run_eval(cfg, env)
+        else:
+            train_tokenizer(cfg, env)
+    finally:
+        if env.ddp:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

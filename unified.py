@@ -31,7 +31,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 import types
 from contextlib import nullcontext
@@ -52,11 +51,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, NoSamples, ShapesDataset, WebDataset,
+from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, ShapesDataset, WebDataset,
                   encode_chat, load_text_tokenizer, shapes_sample, to_tensor)
-from tokenizer import (MANIFEST, DualTokenizer, Env, UsageError, build_on_meta, check_fits, check_ranks_in_sync,
-                       check_state_shapes, check_types, config_from_dict, confined, latest_checkpoint, load_strict,
-                       read_json, safetensors_shapes, synced_tensors, verify_checkpoint, write_checkpoint)
+from tokenizer import (MANIFEST, DualTokenizer, Env, UsageError, _Parser, build_on_meta, check_device, check_fits,
+                       check_numbers, check_ranks_in_sync, check_state_shapes, check_types, config_from_dict, confined,
+                       latest_checkpoint, load_strict, model_dir, read_json, read_train_state, reading, run_main,
+                       safetensors_shapes, synced_tensors, verify_checkpoint, writable_dir, write_checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1286,7 +1286,7 @@ def _flag_type(tp):
 def parse_args(argv):
     """Flags -> (the TrainConfig fields given, the UnifiedConfig fields given). Every field is a
     `--key value` flag typed from its dataclass; unknown flags are an error."""
-    p = argparse.ArgumentParser(prog="unified.py", argument_default=argparse.SUPPRESS,
+    p = _Parser(prog="unified.py", argument_default=argparse.SUPPRESS,
                                 description="DualToken stage 2: train the unified model "
                                             "(or `unified.py extract-codes ...`)")
     def metavar(tp):
@@ -1309,23 +1309,38 @@ def resolve_train_config(given):
     train_config.json < flags (so `--resume DIR --max_steps 2000` extends a run)."""
     if given.get("resume"):
         if "preset" in given:
-            raise ValueError("--preset with --resume: the run's settings come from its checkpoint")
+            raise UsageError("--preset with --resume: the run's settings come from its checkpoint")
         given["resume"] = resume_dir(given["resume"], verify=False)  # _train verifies it
         path = Path(given["resume"]) / "train_config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{given['resume']}: no train_config.json (not a checkpoint of unified.py)")
-        base = json.loads(path.read_text())
+            raise UsageError(f"--resume {given['resume']}: no train_config.json (not a checkpoint of unified.py)")
+        with reading(f"--resume {given['resume']}"):  # unknown keys and wrong types, by name
+            base = asdict(config_from_dict(TrainConfig, read_json(path), str(path)))
     else:
         base = asdict(TrainConfig())
         preset = given.get("preset", "")
         if preset:
             if preset not in TRAIN_PRESETS:
-                raise ValueError(f"unknown preset {preset!r}; known: {', '.join(TRAIN_PRESETS)}")
+                raise UsageError(f"unknown preset {preset!r}; known: {', '.join(TRAIN_PRESETS)}")
             base.update(TRAIN_PRESETS[preset])
     base.update(given)
-    tc = TrainConfig(**base)
+    return check_train_config(TrainConfig(**base))
+
+
+def check_train_config(tc):
+    """The values of a TrainConfig, checked where it is built (flags, a resumed run's file, Python)."""
+    check_numbers(tc, at_least_1=("max_steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "n_images",
+                                  "shard_size"),
+                  at_least_0=("lr", "min_lr", "warmup_steps", "lr_decay_steps", "weight_decay", "grad_clip",
+                              "num_workers"),
+                  fractions=("gen_ratio", "caption_drop", "beta1", "beta2"))
+    check_device("--device", tc.device)
+    for name, value, allowed in (("freeze", tc.freeze, ("none", "llm", "heads")),
+                                 ("dtype", tc.dtype, ("bfloat16", "float32"))):  # fp16 would need a GradScaler
+        if value not in allowed:
+            raise UsageError(f"--{name} {value!r}: choose from {', '.join(map(repr, allowed))}")
     if not 1 <= tc.qa_turns <= len(QUESTIONS):
-        raise ValueError(f"--qa_turns {tc.qa_turns}: between 1 and {len(QUESTIONS)} (the question types)")
+        raise UsageError(f"--qa_turns {tc.qa_turns}: between 1 and {len(QUESTIONS)} (the question types)")
     return tc
 
 
@@ -1351,19 +1366,23 @@ def build_config(tc, model_kw, tokenizer):
     """The UnifiedConfig of a new run: the --model preset, the code shape of the tokenizer, the LLM
     of --llm and the special-token ids of the text tokenizer, then the model flags."""
     if tc.model not in UNIFIED_PRESETS:
-        raise ValueError(f"unknown model preset {tc.model!r}; known: {', '.join(UNIFIED_PRESETS)}")
+        raise UsageError(f"unknown model preset {tc.model!r}; known: {', '.join(UNIFIED_PRESETS)}")
     kw = {**copy.deepcopy(UNIFIED_PRESETS[tc.model]), **model_kw}
     if tc.llm in PRESETS:
         kw["llm"] = Qwen2Config.preset(tc.llm)
     elif tc.llm:
-        kw["llm"] = Qwen2Config.from_hf_file(os.path.join(tc.llm, "config.json"))
+        model_dir("--llm", tc.llm, f" and not a Qwen2 preset ({', '.join(PRESETS)})")
+        with reading(f"--llm {tc.llm}"):  # a tokenizer's or SigLIP's directory, say, in one line
+            kw["llm"] = Qwen2Config.from_hf_file(os.path.join(tc.llm, "config.json"))
         kw.setdefault("text_tokenizer", tc.llm)  # Qwen2.5 directories ship their tokenizer
     t = tokenizer.config
     kw.update(code_dim=t.code_dim, codebook_size=t.codebook_size, rvq_depth=t.depth, grid=t.siglip.grid)
     if kw.get("text_tokenizer") is None:
-        raise ValueError("no text tokenizer: pass --llm DIR (a Qwen2.5 directory) or --text_tokenizer")
-    kw["special_tokens"] = text_tokenizer_ids(load_text_tokenizer(kw["text_tokenizer"]))
-    return UnifiedConfig(**kw)
+        raise UsageError("no text tokenizer: pass --llm DIR (a Qwen2.5 directory) or --text_tokenizer")
+    with reading(f"--text_tokenizer {kw['text_tokenizer']}"):
+        kw["special_tokens"] = text_tokenizer_ids(load_text_tokenizer(kw["text_tokenizer"]))
+    with reading("model flags"):
+        return UnifiedConfig(**kw)
 
 
 def lr_at(step, tc):
@@ -1386,8 +1405,9 @@ def _dist_info():
 
 def _load_tokenizer(tc, device):
     if not tc.tokenizer:
-        raise ValueError("--tokenizer DIR is required: the DualTokenizer the codes come from")
-    tokenizer = DualTokenizer.from_pretrained(tc.tokenizer, device=device)
+        raise UsageError("--tokenizer DIR is required: the DualTokenizer the codes come from")
+    with reading(f"--tokenizer {model_dir('--tokenizer', tc.tokenizer)}"):
+        tokenizer = DualTokenizer.from_pretrained(tc.tokenizer, device=device)
     tokenizer.requires_grad_(False)
     return tokenizer
 
@@ -1395,6 +1415,7 @@ def _load_tokenizer(tc, device):
 def train(tc, model_kw=None):
     """Run stage 2 with TrainConfig tc (model_kw: UnifiedConfig fields for a new run) -> the trained
     UnifiedModel (unwrapped). Under torchrun each process trains its rank's share (DDP or FSDP2)."""
+    check_train_config(tc)
     info = _dist_info()
     use_cuda = torch.cuda.is_available() if tc.device == "auto" else tc.device.startswith("cuda")
     if info is not None:
@@ -1416,24 +1437,24 @@ def train(tc, model_kw=None):
 def _train(tc, model_kw, rank, world, device):
     master, distributed = rank == 0, world > 1
     say = tqdm.write if master else (lambda *a, **k: None)
-    if tc.freeze not in ("none", "llm", "heads"):
-        raise ValueError(f"freeze={tc.freeze!r}: one of 'none', 'llm', 'heads'")
     tokenizer = _load_tokenizer(tc, device)
 
     # --- model: new (preset / Qwen2.5 directory + the tokenizer's codebooks) or resumed
     torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP2 does not broadcast)
     if tc.resume:
         if model_kw:
-            raise ValueError(f"model flags {sorted(model_kw)} with --resume: the model comes from the checkpoint")
+            raise UsageError(f"model flags {sorted(model_kw)} with --resume: the model comes from the checkpoint")
         ckpt = resume_dir(tc.resume)
-        model = UnifiedModel.from_pretrained(ckpt, device)
+        with reading(f"--resume {ckpt}"):
+            model = UnifiedModel.from_pretrained(ckpt, device)
         if not (torch.equal(model.pix_codebook, tokenizer.pix_rvq.codebook[0])
                 and torch.equal(model.sem_codebook, tokenizer.sem_rvq.codebook[0])):
-            raise ValueError(f"--tokenizer is not the tokenizer of the run in {ckpt}")
+            raise UsageError(f"--tokenizer is not the tokenizer of the run in {ckpt}")
     else:
         config = build_config(tc, model_kw, tokenizer)
         check_fits(build_on_meta(UnifiedModel, config, "the model config"), device)  # before any allocation
-        llm = Qwen2.from_pretrained(tc.llm, dtype=torch.float32) if tc.llm and tc.llm not in PRESETS else None
+        with reading(f"--llm {tc.llm}"):
+            llm = Qwen2.from_pretrained(tc.llm, dtype=torch.float32) if tc.llm and tc.llm not in PRESETS else None
         model = UnifiedModel.from_tokenizer(config, tokenizer, llm)
     config = model.config
     enc = load_text_tokenizer(config.text_tokenizer)
@@ -1472,7 +1493,8 @@ def _train(tc, model_kw, rank, world, device):
     # --- data
     gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + rank)  # each rank its own draws
     if tc.codes:
-        source = CodeShards(tc.codes, tokenizer_fingerprint(tokenizer), tc.seed, rank, world)
+        with reading(f"--codes {tc.codes}"):
+            source = CodeShards(tc.codes, tokenizer_fingerprint(tokenizer), tc.seed, rank, world)
     elif tc.data == "shapes":
         source = ShapesSource(tc.n_images, gen, tc.qa_turns)
     else:
@@ -1482,9 +1504,9 @@ def _train(tc, model_kw, rank, world, device):
 
     step = 0
     if tc.resume:
-        state = torch.load(Path(ckpt) / "train_state.pt", map_location="cpu", weights_only=True)
+        state = read_train_state(os.path.join(ckpt, "train_state.pt"))
         if state["world_size"] != world:
-            raise ValueError(f"{ckpt} was written by {state['world_size']} ranks, this run has {world}")
+            raise UsageError(f"{ckpt} was written by {state['world_size']} ranks, this run has {world}")
         step = state["step"]
         set_optimizer_state_dict(raw, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         batcher.load_state_dict(state["data"][rank])
@@ -1586,9 +1608,8 @@ def extract_codes(tc):
     device = "cuda" if (torch.cuda.is_available() if tc.device == "auto" else tc.device.startswith("cuda")) else "cpu"
     tokenizer = _load_tokenizer(tc, device)
     if not tc.codes:
-        raise ValueError("--codes DIR: where to write the shards")
-    out = Path(tc.codes)
-    out.mkdir(parents=True, exist_ok=True)
+        raise UsageError("--codes DIR: where to write the shards")
+    out = Path(writable_dir("--codes", tc.codes))
     if tc.data == "shapes":
         ds = ShapesDataset(tc.n_images)
         items = ({"image": s["image"], "caption": s["caption"],
@@ -1631,9 +1652,12 @@ def extract_codes(tc):
 
 def _require_checkpoint(path, command):
     # a user's wrong directory is one line naming what is missing, not a traceback from deep in loading
+    model_dir(command, path)
     for f in ("config.json", "model.safetensors", "tokenizer/config.json"):
         if not (Path(path) / f).is_file():
-            sys.exit(f"unified.py {command}: {path} has no {f} (not a checkpoint written by unified.py)")
+            raise UsageError(f"{command} {path}: no {f} (not a checkpoint written by unified.py)")
+    with reading(f"{command} {path}"):
+        return load_pretrained(path)
 
 
 def export(argv):
@@ -1641,20 +1665,18 @@ def export(argv):
     copy a checkpoint directory (a training run's out_dir) to what sample.py loads — model, tokenizer,
     text tokenizer; no optimizer state — with floating tensors stored in --dtype, and optionally new
     text → image sampling defaults in its config. The shipped demo checkpoint is made this way."""
-    p = argparse.ArgumentParser(prog="unified.py export", description=export.__doc__)
+    p = _Parser(prog="unified.py export", description=export.__doc__)
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--sample_cfg", type=float, help="sample.py's default guidance scale (≥ 0)")
     p.add_argument("--sample_temperature", type=float, help="sample.py's default temperature (≥ 0)")
     a = p.parse_args(argv)
-    _require_checkpoint(a.src, "export")
-    model, _, tokenizer = load_pretrained(a.src)
+    model, _, tokenizer = _require_checkpoint(a.src, "export")
     sampling = {k: getattr(a, k) for k in ("sample_cfg", "sample_temperature") if getattr(a, k) is not None}
-    try:  # replace() re-runs UnifiedConfig's checks
+    with reading("export"):  # replace() re-runs UnifiedConfig's checks (≥ 0, finite)
         model.config = replace(model.config, **sampling)
-    except ValueError as e:
-        sys.exit(f"unified.py export: {e}")
+    writable_dir("export DST", a.dst)
     model.save_pretrained(a.dst, tokenizer=tokenizer, dtype=getattr(torch, a.dtype))
     size = sum(f.stat().st_size for f in Path(a.dst).rglob("*") if f.is_file())
     print(f"wrote {a.dst} ({size / 2**20:.1f} MiB, {a.dtype})")
@@ -1687,12 +1709,13 @@ def input_norms(model, enc, tokenizer, n_images=64, seed=0):
 
 def norms(argv):
     """python unified.py norms CKPT [--n_images N]: print input_norms of a checkpoint directory."""
-    p = argparse.ArgumentParser(prog="unified.py norms", description=norms.__doc__)
+    p = _Parser(prog="unified.py norms", description=norms.__doc__)
     p.add_argument("ckpt")
     p.add_argument("--n_images", type=int, default=64)
     a = p.parse_args(argv)
-    _require_checkpoint(a.ckpt, "norms")
-    model, enc, tokenizer = load_pretrained(a.ckpt)
+    if a.n_images < 1:
+        raise UsageError(f"norms --n_images must be at least 1, got {a.n_images}")
+    model, enc, tokenizer = _require_checkpoint(a.ckpt, "norms")
     r = input_norms(model, enc, tokenizer, a.n_images)
     print(f"mean L2 norm of the LLM inputs over {a.n_images} held-out shapes samples: "
           + "  ".join(f"{k} {v:.2f}" for k, v in r.items()))
@@ -1711,15 +1734,12 @@ def main(argv):
     tc = resolve_train_config(given)
     if command == "extract-codes":
         if model_kw:
-            raise ValueError(f"extract-codes takes no model flags ({sorted(model_kw)})")
+            raise UsageError(f"extract-codes takes no model flags ({sorted(model_kw)})")
         extract_codes(tc)
     else:
+        writable_dir("--out_dir", tc.out_dir)  # before any work that could not be saved
         train(tc, model_kw)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (UsageError, NoSamples) as e:  # a refused checkpoint or unreadable data: one line, no traceback
-        print(f"unified.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main("unified.py", main)

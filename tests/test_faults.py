@@ -535,3 +535,155 @@ def test_configs_are_checked_before_any_allocation(tmp_path):
     # stage 2 from flags: a model that cannot fit in memory is refused before it is built
     with pytest.raises(ValueError, match=r"the model's weights alone need \d+\.\d GiB"):
         U.train(train_config(tmp_path / "run", str(tmp_path / "tok")), dict(TINY_MODEL_KW, depth_dim=2**20, depth_heads=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# every command line: a user's mistake is one line on stderr and a non-zero exit, never a traceback
+
+# Runs one script's cases in one process (torch imported once), each as `python SCRIPT ARGV...`
+# would: its __main__ block, with stderr captured; an exception that escapes is printed as the
+# interpreter prints it, so a traceback shows up in the captured stderr.
+CASES_RUNNER = """
+import io, json, runpy, sys, traceback
+script, cases, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+results = []
+for argv in cases:
+    sys.argv, real = [script, *argv], sys.stderr
+    sys.stderr = io.StringIO()
+    try:
+        runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) or e.code is None else (print(e.code, file=sys.stderr) or 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    results.append([code, sys.stderr.getvalue()])
+    sys.stderr = real
+json.dump(results, open(out, "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def user_dirs(teacher_dir, tmp_path_factory):
+    """Good and broken model directories of every kind the command lines read."""
+    root = tmp_path_factory.mktemp("user")
+    tok = tiny_tokenizer()
+    tok.save_pretrained(str(root / "tok"))
+    U.UnifiedModel.from_tokenizer(tiny_config(), tok).save_pretrained(root / "ckpt", tokenizer=tok)
+
+    def broken(src, name, damage):
+        shutil.copytree(src, root / name)
+        damage(root / name)
+        return str(root / name)
+
+    def truncate(d):
+        data = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(data[:len(data) // 3])
+
+    def edit(change):
+        def damage(d):
+            cfg = json.loads((d / "config.json").read_text())
+            change(cfg)
+            (d / "config.json").write_text(json.dumps(cfg))
+        return damage
+
+    (root / "a-file").write_text("not a directory")
+    (root / "garbage.pth").write_bytes(b"\x80\x04 not a pickle")
+    return dict(
+        root=str(root), siglip=teacher_dir, tok=str(root / "tok"), ckpt=str(root / "ckpt"),
+        unwritable=str(root / "a-file" / "out"),  # under a file: not writable, even by root
+        siglip_truncated=broken(teacher_dir, "siglip_truncated", truncate),
+        siglip_str=broken(teacher_dir, "siglip_str", edit(lambda c: c["vision_config"].update(num_hidden_layers="3"))),
+        tok_truncated=broken(root / "tok", "tok_truncated", truncate),
+        tok_unknown=broken(root / "tok", "tok_unknown", edit(lambda c: c.update(colour=1))),
+        ckpt_truncated=broken(root / "ckpt", "ckpt_truncated", truncate),
+        ckpt_str=broken(root / "ckpt", "ckpt_str", edit(lambda c: c["llm"].update(dim="256"))),
+        lpips_truncated=str(root / "garbage.pth"))
+
+
+def user_error_cases(d, tmp):
+    """script -> [(argv, what the one line must say)]: per user-error class, each CLI that has it."""
+    tok_run = TOK + ["--siglip", d["siglip"], "--out_dir", f"{tmp}/tok-out"]
+    uni = ["--model", "shapes", "--tokenizer", d["tok"], "--max_steps", "2", "--batch_size", "2", "--out_dir", f"{tmp}/uni"]
+    smp = ["--prompt", "a red circle", "--ckpt", d["ckpt"], "--device", "cpu", "--out", f"{tmp}/samples"]
+    return {
+        "tokenizer.py": [
+            # missing, truncated, mistyped or the wrong kind of model directory; a hub id
+            (TOK + ["--siglip", d["siglip_truncated"], "--out_dir", f"{tmp}/t1"], "not a readable safetensors file"),
+            (TOK + ["--siglip", d["siglip_str"], "--out_dir", f"{tmp}/t2"], "layers = '3' is not of type int"),
+            (TOK + ["--siglip", d["tok"], "--out_dir", f"{tmp}/t3"], "not a SigLIP config.json"),
+            (TOK + ["--siglip", "google/siglip-so400m-patch14-384", "--out_dir", f"{tmp}/t4"], "hub id"),
+            (TOK + ["--siglip", d["siglip"], "--out_dir", d["tok_unknown"], "--eval"], "unknown key(s) ['colour']"),
+            (tok_run + ["--lpips", d["lpips_truncated"]], f"--lpips {d['lpips_truncated']}: "),
+            # an output directory that cannot be written, checked before training
+            (TOK + ["--siglip", d["siglip"], "--out_dir", d["unwritable"]], "not a writable directory"),
+            # nonsense values, abbreviated flags
+            (tok_run + ["--max_steps", "-1"], "--max_steps must be at least 1"),
+            (tok_run + ["--batch_size", "0"], "--batch_size must be at least 1"),
+            (tok_run + ["--grad_accum", "0"], "--grad_accum must be at least 1"),
+            (tok_run + ["--ckpt_every", "0"], "--ckpt_every must be at least 1"),
+            (tok_run + ["--lr", "nan"], "--lr nan: must be a finite number"),
+            (tok_run + ["--device", "tpu"], "--device 'tpu'"),
+            (tok_run + ["--max_step", "4"], "unrecognized arguments: --max_step"),
+        ],
+        "unified.py": [
+            (uni[:3] + [d["tok_truncated"]] + uni[4:], "not a readable safetensors file"),
+            (uni[:3] + [d["tok_unknown"]] + uni[4:], "unknown key(s) ['colour']"),
+            (uni[:3] + [d["siglip"]] + uni[4:], "is not a dualtoken-tokenizer/1 checkpoint"),
+            (uni[:3] + ["someone/dualtoken-tokenizer"] + uni[4:], "hub id"),
+            (uni + ["--llm", "Qwen/Qwen2.5-3B"], "hub id"),
+            (uni + ["--llm", d["tok"]], f"--llm {d['tok']}: "),
+            (uni[:-1] + [d["unwritable"]], "not a writable directory"),
+            (uni + ["--max_steps", "0"], "--max_steps must be at least 1"),
+            (uni + ["--batch_size", "-2"], "--batch_size must be at least 1"),
+            (uni + ["--grad_accum", "0"], "--grad_accum must be at least 1"),
+            (uni + ["--ckpt_every", "0"], "--ckpt_every must be at least 1"),
+            (uni + ["--lr", "inf"], "--lr inf: must be a finite number"),
+            (uni + ["--device", "tpu"], "--device 'tpu'"),
+            (uni + ["--visual_input", "both"], "visual_input='both'"),
+            (uni + ["--max_step", "2"], "unrecognized arguments: --max_step"),
+            (["--resume", d["ckpt"]], "no checkpoint (step-N/ directory)"),
+            (["extract-codes", "--tokenizer", d["tok"], "--codes", d["unwritable"]], "not a writable directory"),
+            (["export", d["ckpt_truncated"], f"{tmp}/exported"], "not a readable safetensors file"),
+            (["export", d["tok"], f"{tmp}/exported"], "no tokenizer/config.json"),
+            (["export", d["ckpt"], d["unwritable"]], "not a writable directory"),
+            (["export", d["ckpt"], f"{tmp}/exported", "--sample_cfg", "nan"], "sample_cfg"),
+            (["export", d["ckpt"], f"{tmp}/exported", "--dt", "float32"], "unrecognized arguments: --dt"),
+            (["norms", d["ckpt_str"]], "dim = '256' is not of type int"),
+            (["norms", "someone/unified"], "hub id"),
+        ],
+        "sample.py": [
+            (smp[:3] + [d["ckpt_truncated"]] + smp[4:], "not a readable safetensors file"),
+            (smp[:3] + [d["ckpt_str"]] + smp[4:], "dim = '256' is not of type int"),
+            (smp[:3] + [d["tok"]] + smp[4:], "not a dualtoken-unified/1 checkpoint"),
+            (smp[:3] + ["someone/dualtoken-3b"] + smp[4:], "hub id"),
+            (smp[:-1] + [d["unwritable"]], "not a writable directory"),
+            (smp + ["--cfg", "nan"], "--cfg nan: must be a finite number"),
+            (smp + ["--temperature", "inf"], "--temperature inf: must be a finite number"),
+            (smp + ["--num_samples", "0"], "--num_samples must be at least 1"),
+            (smp[:4] + ["--device", "tpu"], "--device 'tpu'"),
+            (smp + ["--promp", "x"], "unrecognized arguments: --promp"),
+        ],
+        "losses.py": [
+            (["convert-lpips", "--vgg", f"{tmp}/none.pth", "--lin", f"{tmp}/none.pth"], "No such file"),
+            (["convert-lpips", "--vgg", d["lpips_truncated"], "--lin", d["lpips_truncated"]], "not a weights file torch.load(weights_only=True) reads"),
+            (["convert-lpips", "--vg", "a", "--lin", "b"], "error: "),
+        ],
+    }
+
+
+@pytest.mark.parametrize("script", ["tokenizer.py", "unified.py", "sample.py", "losses.py"])
+def test_user_mistakes_are_one_line_and_a_nonzero_exit(script, user_dirs, tmp_path):
+    cases = user_error_cases(user_dirs, str(tmp_path))[script]
+    out = tmp_path / "results.json"
+    p = subprocess.run([sys.executable, "-c", CASES_RUNNER, script, json.dumps([a for a, _ in cases]), str(out)],
+                       cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    bad = []
+    for (argv, message), (code, err) in zip(cases, json.loads(out.read_text())):
+        lines = [l for l in err.splitlines() if l.strip()]
+        if not (code not in (0, None) and len(lines) == 1 and "Traceback" not in err and message in lines[0]
+                and lines[0].startswith(f"{script}: error: ")):
+            bad.append(f"{script} {' '.join(argv[-4:])} -> exit {code}: {err[-600:]}")
+    assert not bad, "\n".join(bad)

@@ -608,8 +608,9 @@ def test_flags_are_typed_from_the_dataclasses_and_unknown_ones_refused(tmp_path)
     assert tc.max_steps == U.TRAIN_PRESETS["shapes"]["max_steps"]
     assert tc.batch_size == U.TRAIN_PRESETS["shapes"]["batch_size"]  # preset under the flags
     assert model_kw == {"visual_input": "sem", "depth_mlp": None, "sem_weight": 0.5}
-    for bad in (["--no_such_flag", "1"], ["--max_steps", "ten"], ["--compile", "maybe"], ["--grid", "9"]):
-        with pytest.raises(SystemExit):
+    for bad in (["--no_such_flag", "1"], ["--max_steps", "ten"], ["--compile", "maybe"], ["--grid", "9"],
+                ["--max_step", "9"]):  # no prefix abbreviations
+        with pytest.raises(U.UsageError):
             U.parse_args(bad)
     assert not {f.name for f in U.fields(U.TrainConfig)} & {f.name for f in U.MODEL_FLAGS}
     # resume: the run's saved settings under the flags given now
