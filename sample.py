@@ -28,7 +28,7 @@ import os
 import sys
 import textwrap
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -36,7 +36,7 @@ from tqdm import tqdm
 from data import (BACKGROUNDS, HELDOUT, IMAGE_PLACEHOLDER, QUESTIONS, SHAPES_ATTRS, SIZES, TRAIN_COMBOS,
                   BadImage, encode_chat, open_image, parse_shapes_caption, read_shapes, shapes_caption,
                   shapes_sample, shapes_vocabulary, shapes_words, to_pil, to_tensor)
-from tokenizer import UsageError, _Parser, check_device, check_numbers, model_dir, reading, run_main, writable_dir
+from tokenizer import UsageError, _Parser, add_flags, check_device, check_numbers, model_dir, reading, run_main, writable_dir
 from unified import load_pretrained, sample_logits
 
 # the shipped demo checkpoint (trained on the shapes benchmark by the README's commands)
@@ -471,19 +471,11 @@ UNDERSTANDING_ONLY = ("max_new_tokens",)
 
 
 def parse_args(argv=None):
-    p = _Parser(prog="sample.py", description=__doc__.strip().splitlines()[0],
+    p = _Parser(prog="sample.py", description=__doc__.strip().splitlines()[0], argument_default=argparse.SUPPRESS,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(SampleConfig):
-        kind = {"bool": "store_true"}.get(type(f.default).__name__)
-        if kind:
-            p.add_argument(f"--{f.name}", action=kind, default=None)
-        else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=None,
-                           help=f"(default: {f.default!r})")
-    args = p.parse_args(argv)
-    given = {k for k, v in vars(args).items() if v is not None}
-    cfg = SampleConfig(**{k: getattr(args, k) for k in given})
-    return cfg, given
+    add_flags(p, SampleConfig)  # the trainers' flag maker: typed from the dataclass, --compile alone is true
+    args = vars(p.parse_args(argv))
+    return SampleConfig(**args), set(args)
 
 
 def check_flags(cfg, given):

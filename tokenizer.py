@@ -590,31 +590,15 @@ class SigLIP(nn.Module):
         assert sorted(m.values()) == sorted(n for n, _ in self.named_parameters()), "key map out of date"
         return m
 
-    def check_hf_shapes(self, shapes):
-        """Strict: `shapes` (HF name → shape) must hold exactly our keys, each with our shape."""
-        key_map, params = self.hf_key_map(), dict(self.named_parameters())
-        missing = sorted(set(key_map) - set(shapes))
-        extra = sorted(set(shapes) - set(key_map))
-        if missing or extra:
-            raise ValueError(f"SigLIP checkpoint keys differ: {len(missing)} missing {missing[:8]}, "
-                             f"{len(extra)} unexpected {extra[:8]}")
-        for hf, ours in key_map.items():
-            if tuple(shapes[hf]) != tuple(params[ours].shape):
-                raise ValueError(f"shape mismatch for {hf} (ours: {ours}): checkpoint {tuple(shapes[hf])}, "
-                                 f"model {tuple(params[ours].shape)}")
-
     @torch.no_grad()
     def load_hf_state_dict(self, state_dict):
         """Strictly load an HF SiglipModel state dict (any float dtype; cast to ours)."""
-        self.check_hf_shapes({k: v.shape for k, v in state_dict.items()})
-        self._copy_hf(state_dict)
-
-    @torch.no_grad()
-    def _copy_hf(self, tensors):
         params = dict(self.named_parameters())
-        for hf, ours in self.hf_key_map().items():
-            if hf in tensors:
-                params[ours].copy_(tensors[hf])
+        key_map = self.hf_key_map()
+        check_state_shapes({hf: (ours, params[ours].shape) for hf, ours in key_map.items()},
+                           {k: v.shape for k, v in state_dict.items()}, "SigLIP state dict")
+        for hf, ours in key_map.items():
+            params[ours].copy_(state_dict[hf])
 
     @classmethod
     def from_pretrained(cls, path):
@@ -1183,6 +1167,19 @@ def check_device(flag, name):
     return name
 
 
+def check_training(cfg, at_least_1=(), at_least_0=(), fractions=()):
+    """The settings both stages' TrainConfigs share (the schedule, AdamW, batch, checkpoints, device,
+    dtype), then the stage's own numbers: check_numbers."""
+    check_numbers(cfg, ("max_steps", "batch_size", "grad_accum", "log_every", "ckpt_every", *at_least_1),
+                  ("lr", "min_lr", "warmup", "decay_steps", "weight_decay", "grad_clip", "workers", *at_least_0),
+                  fractions)
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise UsageError(f"--betas takes two numbers in [0, 1), got {cfg.betas}")
+    check_device("--device", cfg.device)
+    if cfg.dtype not in ("bfloat16", "float32"):  # fp16 would need a GradScaler
+        raise UsageError(f"--dtype {cfg.dtype!r}: choose from 'bfloat16', 'float32'")
+
+
 def check_numbers(cfg, at_least_1=(), at_least_0=(), fractions=()):
     """Numeric settings of a config dataclass: every float finite (nan/inf refused), counts and
     intervals ≥ 1, the others named ≥ 0, fractions in [0, 1]; UsageError naming the flag."""
@@ -1216,23 +1213,36 @@ def _parse_floats(s):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
 
 
+def _flag_type(tp):
+    # an annotation -> the type of its flag: X | None (Optional[X]) also takes "none", bool takes
+    # true/false (yes/no, on/off, 1/0), tuple comma-separated numbers
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = _flag_type(next(a for a in typing.get_args(tp) if a is not type(None)))
+        parse = lambda s: None if s.lower() == "none" else inner(s)  # noqa: E731
+        parse.__name__ = getattr(inner, "__name__", "value")  # argparse: "invalid int value: 'x'"
+        return parse
+    return {bool: _parse_bool, tuple: _parse_floats}.get(tp, tp)
+
+
+def add_flags(p, cls, names=None, helptext=None):
+    """One `--name value` flag per field of the config dataclass cls (or the fields in names), typed
+    from its annotation: the flags come from the one source of defaults (STYLE.md #4). A bool flag
+    alone means true (`--compile`); `--compile false` also works."""
+    for f in fields(cls):
+        if names is None or f.name in names:
+            flag = f.type is bool
+            p.add_argument(f"--{f.name}", type=_flag_type(f.type), nargs="?" if flag else None,
+                           const=True if flag else None, metavar="A,B" if f.type is tuple else None,
+                           help=helptext or f"default {f.default!r}")
+
+
 def parse_args(argv):
     """Command line -> TrainConfig: the preset's values (or the defaults), then the flags given.
     One flag per TrainConfig field, typed from its annotation; unknown flags are errors."""
     p = _Parser(prog="tokenizer.py", argument_default=argparse.SUPPRESS,
                 description="DualToken stage 1: train / evaluate the tokenizer, or the shapes teacher.")
     p.add_argument("--preset", help=f"start from a named configuration: {', '.join(TRAIN_PRESETS)}")
-    for f in fields(TrainConfig):
-        kind = f.type
-        if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        helptext = f"default {f.default!r}"
-        if kind is bool:  # `--compile` alone means true; `--compile false` also works
-            p.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, help=helptext)
-        elif kind is tuple:
-            p.add_argument(f"--{f.name}", type=_parse_floats, metavar="A,B", help=helptext)
-        else:
-            p.add_argument(f"--{f.name}", type=kind, help=helptext)
+    add_flags(p, TrainConfig)
     args = vars(p.parse_args(argv))
     name = args.pop("preset", None)
     if name is not None and name not in TRAIN_PRESETS:
@@ -1245,18 +1255,12 @@ def check_config(cfg):
     """Checks the values and resolves the ablation into the switches it stands for."""
     for name, value, allowed in (("stage", cfg.stage, STAGES), ("ablation", cfg.ablation, ABLATIONS),
                                  ("model", cfg.model, tuple(TOKENIZER_PRESETS)),
-                                 ("dtype", cfg.dtype, ("bfloat16", "float32")),  # fp16 would need a GradScaler
                                  ("disc_norm", cfg.disc_norm, ("batch", "act"))):
         if value not in allowed:
             raise UsageError(f"--{name} {value!r}: choose from {', '.join(map(repr, allowed))}")
-    check_numbers(cfg, at_least_1=("max_steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "eval_every",
-                                   "eval_n"),
-                  at_least_0=("lr", "min_lr", "weight_decay", "warmup", "decay_steps", "grad_clip", "disc_start",
-                              "workers", "hard_negatives", "sem_weight", "sem_layer_weight", "sem_pool_weight",
-                              "commit_weight", "mse_weight", "lpips_weight", "gan_weight"))
-    check_device("--device", cfg.device)
-    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
-        raise UsageError(f"--betas takes two numbers in [0, 1), got {cfg.betas}")
+    check_training(cfg, at_least_1=("eval_every", "eval_n"),
+                   at_least_0=("disc_start", "hard_negatives", "sem_weight", "sem_layer_weight", "sem_pool_weight",
+                               "commit_weight", "mse_weight", "lpips_weight", "gan_weight"))
     if cfg.eval and cfg.stage == "teacher":  # would otherwise retrain and overwrite the teacher
         raise UsageError("--eval evaluates a tokenizer checkpoint; the teacher stage reports its own zero-shot")
     if cfg.ablation == "joint":
@@ -1336,7 +1340,7 @@ def check_inputs(cfg):
         resume_dir(cfg.out_dir)
 
 
-# --- setup, schedule, data, text
+# --- setup, schedule, data, text (setup, lr_at and make_optimizer serve stage 2 too)
 
 
 def setup(cfg):
@@ -1358,7 +1362,7 @@ def setup(cfg):
 
 def lr_at(cfg, step):
     # open_clip cosine_lr: linear warmup to lr over `warmup` steps, then a half cosine down to min_lr
-    # at decay_steps (default max_steps)
+    # at decay_steps (default max_steps; set it longer to cut a run into pieces on one schedule)
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     total = cfg.decay_steps or cfg.max_steps
@@ -1367,7 +1371,8 @@ def lr_at(cfg, step):
 
 
 def make_optimizer(model, cfg, fused=False):
-    # official (open_clip main.py): AdamW, no weight decay on biases, norms and gains (tensors under 2-D)
+    # official (open_clip main.py; nanoGPT does the same): AdamW, no weight decay on biases, norms and
+    # gains (tensors under 2-D); frozen parameters left out
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]

@@ -27,13 +27,10 @@ import glob
 import hashlib
 import itertools
 import json
-import math
 import os
 import random
 import shutil
 import time
-import types
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -53,10 +50,13 @@ from tqdm import tqdm
 
 from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, ShapesDataset, WebDataset,
                   encode_chat, load_text_tokenizer, shapes_sample, to_tensor)
-from tokenizer import (MANIFEST, DualTokenizer, Env, UsageError, _Parser, build_on_meta, check_device, check_fits,
-                       check_numbers, check_ranks_in_sync, check_state_shapes, check_types, config_from_dict, confined,
-                       latest_checkpoint, load_strict, model_dir, read_json, read_train_state, reading, run_main,
-                       safetensors_shapes, synced_tensors, verify_checkpoint, writable_dir, write_checkpoint)
+# the training skeleton is stage 1's: flags from the config dataclass, torchrun setup, the schedule,
+# AdamW, strict loading, atomic checkpoints, the one-line error handler
+from tokenizer import (MANIFEST, DualTokenizer, UsageError, _Parser, add_flags, build_on_meta, check_fits,
+                       check_ranks_in_sync, check_state_shapes, check_training, check_types, config_from_dict, confined,
+                       latest_checkpoint, load_strict, lr_at, make_optimizer, model_dir, read_json, read_train_state,
+                       reading, run_main, safetensors_shapes, setup, synced_tensors, verify_checkpoint, writable_dir,
+                       write_checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1228,18 +1228,18 @@ class TrainConfig:
     gen_ratio: float = 0.5           # share of generation samples (caption → image); the rest understanding
     caption_drop: float = 0.1        # generation samples with an empty caption: the unconditional model of CFG
     qa_turns: int = 1                # shapes: questions per understanding conversation (1..6)
-    num_workers: int = 4             # webdataset decoding workers
+    workers: int = 4                 # DataLoader workers decoding webdataset shards
     # optimization
     batch_size: int = 8              # sequences per micro-batch and rank
     grad_accum: int = 1              # micro-batches per step and rank (the batch is × world size too)
     max_steps: int = 100_000
     lr: float = 1e-4
     min_lr: float = 1e-5
-    warmup_steps: int = 1000
-    lr_decay_steps: int = 0          # cosine length; 0 = max_steps (a run cut into pieces keeps its schedule)
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
+    warmup: int = 1000               # linear warm-up steps, then a half cosine to min_lr (tokenizer.lr_at;
+                                     # stage 2 warmed up to lr·(s+1)/(warmup+1) before: ≤ 3 % apart at 30)
+    decay_steps: int = 0             # cosine length; 0 = max_steps (a run cut into pieces keeps its schedule)
+    weight_decay: float = 0.0        # AdamW, on ≥ 2-D tensors only (tokenizer.make_optimizer)
+    betas: tuple = (0.9, 0.95)
     grad_clip: float = 1.0           # 0 disables
     # system
     device: str = "auto"             # "auto" (cuda if available), "cpu", "cuda"
@@ -1258,7 +1258,7 @@ TRAIN_PRESETS = {
     # The CPU demo on the shapes benchmark: ~37 min on 2 cores (2 processes × batch 8), what the
     # one-hour pipeline leaves; more steps generate better and lr 1e-3 learns fastest (EXPERIMENTS.md, §4).
     "shapes": dict(model="shapes", data="shapes", n_images=100_000, batch_size=16, max_steps=3000,
-                   qa_turns=3, lr=1e-3, min_lr=1e-4, warmup_steps=30, num_workers=0,
+                   qa_turns=3, lr=1e-3, min_lr=1e-4, warmup=30, workers=0,
                    out_dir="out/unified-shapes", log_every=50, ckpt_every=250),
 }
 
@@ -1268,37 +1268,13 @@ MODEL_FLAGS = tuple(f for f in fields(UnifiedConfig)
                     if f.name not in ("llm", "code_dim", "codebook_size", "rvq_depth", "grid", "special_tokens"))
 
 
-def _parse_bool(s):
-    if s.lower() in ("1", "true", "yes"):
-        return True
-    if s.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
-def _flag_type(tp):
-    if isinstance(tp, types.UnionType):  # int | None and friends: "none" means None
-        inner = next(a for a in tp.__args__ if a is not type(None))
-        return lambda s: None if s.lower() == "none" else _flag_type(inner)(s)
-    return _parse_bool if tp is bool else tp
-
-
 def parse_args(argv):
     """Flags -> (the TrainConfig fields given, the UnifiedConfig fields given). Every field is a
     `--key value` flag typed from its dataclass; unknown flags are an error."""
     p = _Parser(prog="unified.py", argument_default=argparse.SUPPRESS,
-                                description="DualToken stage 2: train the unified model "
-                                            "(or `unified.py extract-codes ...`)")
-    def metavar(tp):
-        return "|".join("NONE" if a is type(None) else a.__name__.upper() for a in getattr(tp, "__args__", (tp,)))
-
-    for f in fields(TrainConfig):
-        p.add_argument(f"--{f.name}", type=_flag_type(f.type), metavar=metavar(f.type),
-                       nargs="?" if f.type is bool else None, const=True if f.type is bool else None,
-                       help=f"default {f.default!r}")
-    for f in MODEL_FLAGS:
-        p.add_argument(f"--{f.name}", type=_flag_type(f.type), metavar=metavar(f.type),
-                       help="UnifiedConfig; default: the --model preset's")
+                description="DualToken stage 2: train the unified model (or `unified.py extract-codes ...`)")
+    add_flags(p, TrainConfig)
+    add_flags(p, UnifiedConfig, {f.name for f in MODEL_FLAGS}, "UnifiedConfig; default: the --model preset's")
     given = vars(p.parse_args(argv))
     model_kw = {f.name: given.pop(f.name) for f in MODEL_FLAGS if f.name in given}
     return given, model_kw
@@ -1315,7 +1291,7 @@ def resolve_train_config(given):
         if not path.is_file():
             raise UsageError(f"--resume {given['resume']}: no train_config.json (not a checkpoint of unified.py)")
         with reading(f"--resume {given['resume']}"):  # unknown keys and wrong types, by name
-            base = asdict(config_from_dict(TrainConfig, read_json(path), str(path)))
+            base = asdict(config_from_dict(TrainConfig, _renamed(read_json(path)), str(path)))
     else:
         base = asdict(TrainConfig())
         preset = given.get("preset", "")
@@ -1327,18 +1303,25 @@ def resolve_train_config(given):
     return check_train_config(TrainConfig(**base))
 
 
+def _renamed(saved):
+    # train_config.json of runs before the stages shared their names (tokenizer.py's): still resumable
+    if isinstance(saved, dict):
+        saved = dict(saved)
+        for old, new in (("warmup_steps", "warmup"), ("lr_decay_steps", "decay_steps"), ("num_workers", "workers")):
+            if old in saved:
+                saved[new] = saved.pop(old)
+        if "beta1" in saved and "beta2" in saved:
+            saved["betas"] = (saved.pop("beta1"), saved.pop("beta2"))
+        if isinstance(saved.get("betas"), list):
+            saved["betas"] = tuple(saved["betas"])
+    return saved
+
+
 def check_train_config(tc):
     """The values of a TrainConfig, checked where it is built (flags, a resumed run's file, Python)."""
-    check_numbers(tc, at_least_1=("max_steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "n_images",
-                                  "shard_size"),
-                  at_least_0=("lr", "min_lr", "warmup_steps", "lr_decay_steps", "weight_decay", "grad_clip",
-                              "num_workers"),
-                  fractions=("gen_ratio", "caption_drop", "beta1", "beta2"))
-    check_device("--device", tc.device)
-    for name, value, allowed in (("freeze", tc.freeze, ("none", "llm", "heads")),
-                                 ("dtype", tc.dtype, ("bfloat16", "float32"))):  # fp16 would need a GradScaler
-        if value not in allowed:
-            raise UsageError(f"--{name} {value!r}: choose from {', '.join(map(repr, allowed))}")
+    check_training(tc, at_least_1=("n_images", "shard_size"), fractions=("gen_ratio", "caption_drop"))
+    if tc.freeze not in ("none", "llm", "heads"):
+        raise UsageError(f"--freeze {tc.freeze!r}: choose from 'none', 'llm', 'heads'")
     if not 1 <= tc.qa_turns <= len(QUESTIONS):
         raise UsageError(f"--qa_turns {tc.qa_turns}: between 1 and {len(QUESTIONS)} (the question types)")
     return tc
@@ -1385,24 +1368,6 @@ def build_config(tc, model_kw, tokenizer):
         return UnifiedConfig(**kw)
 
 
-def lr_at(step, tc):
-    # linear warmup, then cosine decay to min_lr over lr_decay_steps (nanoGPT's schedule)
-    decay = tc.lr_decay_steps or tc.max_steps
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / (tc.warmup_steps + 1)
-    if step >= decay:
-        return tc.min_lr
-    ratio = (step - tc.warmup_steps) / max(1, decay - tc.warmup_steps)
-    return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (tc.lr - tc.min_lr)
-
-
-def _dist_info():
-    # torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python unified.py` has none
-    if "RANK" not in os.environ:
-        return None
-    return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-
-
 def _load_tokenizer(tc, device):
     if not tc.tokenizer:
         raise UsageError("--tokenizer DIR is required: the DualTokenizer the codes come from")
@@ -1415,27 +1380,17 @@ def _load_tokenizer(tc, device):
 def train(tc, model_kw=None):
     """Run stage 2 with TrainConfig tc (model_kw: UnifiedConfig fields for a new run) -> the trained
     UnifiedModel (unwrapped). Under torchrun each process trains its rank's share (DDP or FSDP2)."""
-    check_train_config(tc)
-    info = _dist_info()
-    use_cuda = torch.cuda.is_available() if tc.device == "auto" else tc.device.startswith("cuda")
-    if info is not None:
-        rank, local_rank, world = info
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        device = f"cuda:{local_rank}" if use_cuda else "cpu"
-    else:
-        rank, local_rank, world = 0, 0, 1
-        device = "cuda" if use_cuda else "cpu"
-    if use_cuda:
-        torch.cuda.set_device(device)
+    env = setup(check_train_config(tc))  # stage 1's: torchrun's RANK, the device, autocast
     try:
-        return _train(tc, model_kw or {}, rank, world, device)
+        return _train(tc, model_kw or {}, env)
     finally:
-        if info is not None:
+        if env.ddp:
             dist.destroy_process_group()
 
 
-def _train(tc, model_kw, rank, world, device):
-    master, distributed = rank == 0, world > 1
+def _train(tc, model_kw, env):
+    rank, world, device = env.rank, env.world, env.device
+    master, distributed = env.master, world > 1
     say = tqdm.write if master else (lambda *a, **k: None)
     tokenizer = _load_tokenizer(tc, device)
 
@@ -1452,7 +1407,7 @@ def _train(tc, model_kw, rank, world, device):
             raise UsageError(f"--tokenizer is not the tokenizer of the run in {ckpt}")
     else:
         config = build_config(tc, model_kw, tokenizer)
-        check_fits(build_on_meta(UnifiedModel, config, "the model config"), device)  # before any allocation
+        check_fits(build_on_meta(UnifiedModel, config, "the model config"), str(device))  # before any allocation
         with reading(f"--llm {tc.llm}"):
             llm = Qwen2.from_pretrained(tc.llm, dtype=torch.float32) if tc.llm and tc.llm not in PRESETS else None
         model = UnifiedModel.from_tokenizer(config, tokenizer, llm)
@@ -1472,7 +1427,7 @@ def _train(tc, model_kw, rank, world, device):
     model.llm.grad_checkpointing = tc.grad_checkpointing
     raw = model  # saved from here: unwrapped and uncompiled
     if tc.fsdp:
-        mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (world,))
+        mesh = init_device_mesh(device.type, (world,))
         # one unit per transformer block (LLM and depth heads); embeddings, projector, the heads'
         # input projections and classifiers form the root unit
         heads = [h for h in (model.pix_head, model.sem_head) if h is not None]
@@ -1482,13 +1437,10 @@ def _train(tc, model_kw, rank, world, device):
     if tc.compile:
         model = torch.compile(model)  # before the DDP wrap, as nanoGPT does
     if distributed and not tc.fsdp:
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # AdamW; no weight decay on biases, norms and other vectors (nanoGPT)
-    params = [p for p in raw.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.startswith("cuda"))
+    opt = make_optimizer(raw, tc, fused=device.type == "cuda")  # stage 1's AdamW groups
+    params = [p for g in opt.param_groups for p in g["params"]]
 
     # --- data
     gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + rank)  # each rank its own draws
@@ -1499,7 +1451,7 @@ def _train(tc, model_kw, rank, world, device):
         source = ShapesSource(tc.n_images, gen, tc.qa_turns)
     else:
         s = tokenizer.config.siglip
-        source = WebSource(tc.data, s.image_size, s.resample, tc.seed, tc.num_workers)
+        source = WebSource(tc.data, s.image_size, s.resample, tc.seed, tc.workers)
     batcher = Batcher(source, enc, config, tokenizer, tc.gen_ratio, tc.caption_drop, tc.batch_size, gen, device)
 
     step = 0
@@ -1511,8 +1463,7 @@ def _train(tc, model_kw, rank, world, device):
         set_optimizer_state_dict(raw, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         batcher.load_state_dict(state["data"][rank])
 
-    use_autocast = device.startswith("cuda") and tc.dtype != "float32"
-    ctx = torch.autocast("cuda", dtype=getattr(torch, tc.dtype)) if use_autocast else nullcontext()
+    use_autocast, ctx = device.type == "cuda" and tc.dtype != "float32", env.ctx
     say(f"unified: {raw.num_params() / 1e6:.2f}M parameters ({sum(p.numel() for p in params) / 1e6:.2f}M "
         f"trained), {world} rank(s) on {device}{' autocast ' + tc.dtype if use_autocast else ''}, "
         f"batch {tc.batch_size}×{tc.grad_accum}×{world}, steps {step}→{tc.max_steps}")
@@ -1524,7 +1475,7 @@ def _train(tc, model_kw, rank, world, device):
     bar = tqdm(total=tc.max_steps, initial=step, disable=not master, dynamic_ncols=True)
     first = step + 1
     while step < tc.max_steps:
-        lr = lr_at(step, tc)
+        lr = lr_at(tc, step)
         for g in opt.param_groups:
             g["lr"] = lr
         for micro in range(tc.grad_accum):
@@ -1565,17 +1516,18 @@ def _train(tc, model_kw, rank, world, device):
                    if hasattr(source, "stats") else ""))
             acc, t0 = torch.zeros_like(acc), time.time()
         if step % tc.ckpt_every == 0 or step == tc.max_steps:
-            path = save_checkpoint(tc.out_dir, raw, opt, tokenizer, batcher, tc, step, world, tc.fsdp)
+            path = save_checkpoint(tc.out_dir, raw, opt, tokenizer, batcher, tc, step, env)
             say(f"saved {path}")
     bar.close()
     return raw
 
 
-def save_checkpoint(out_dir, raw, opt, tokenizer, batcher, tc, step, world, fsdp):
+def save_checkpoint(out_dir, raw, opt, tokenizer, batcher, tc, step, env):
     """out_dir/step-NNNNNN/, written atomically (tokenizer.write_checkpoint): a save_pretrained
     directory (what sample.py needs) + train_state.pt (step, optimizer, every rank's data RNG /
     cursor) + train_config.json -> its path. Collective under torch.distributed."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    world, fsdp = env.world, tc.fsdp
     model_sd = get_model_state_dict(raw, options=options) if fsdp else None  # gathered on rank 0
     optim_sd = get_optimizer_state_dict(raw, opt, options=options)
     data = [batcher.state_dict()]
@@ -1583,10 +1535,9 @@ def save_checkpoint(out_dir, raw, opt, tokenizer, batcher, tc, step, world, fsdp
         data = [None] * world
         dist.all_gather_object(data, batcher.state_dict())
     path = Path(out_dir) / f"step-{step:06d}"
-    rank = dist.get_rank() if dist.is_initialized() else 0
     if world > 1 and not fsdp:  # DDP keeps every rank's copy equal, bit for bit (FSDP holds shards)
-        check_ranks_in_sync(Env(rank, world, next(raw.parameters()).device, True, None), synced_tensors(raw))
-    if rank == 0:
+        check_ranks_in_sync(env, synced_tensors(raw))
+    if env.master:
         state = {"step": step, "optimizer": optim_sd, "data": data, "world_size": world}
         write_checkpoint(out_dir, step, [
             ("model", lambda d: raw.save_pretrained(d, tokenizer, state_dict=model_sd)),

@@ -101,7 +101,7 @@ def test_teacher_killed_while_writing_a_checkpoint_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-UNIFIED_KW = dict(max_steps=4, ckpt_every=2, lr_decay_steps=4, warmup_steps=2, batch_size=3)
+UNIFIED_KW = dict(max_steps=4, ckpt_every=2, decay_steps=4, warmup=2, batch_size=3)
 UNIFIED_RUN = """
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
@@ -257,7 +257,7 @@ def test_unified_data_without_a_readable_sample_exits_in_seconds(kind, tmp_path)
     spec = _bad_data(tmp_path / "data", kind)
     tok = _tokenizer_dir(tmp_path)
     t = time.time()
-    p = cli("unified.py", ["--model", "shapes", "--tokenizer", tok, "--data", spec, "--num_workers", "2",
+    p = cli("unified.py", ["--model", "shapes", "--tokenizer", tok, "--data", spec, "--workers", "2",
                            "--max_steps", "2", "--batch_size", "2", "--out_dir", str(tmp_path / "out")], timeout=60)
     assert time.time() - t < 60
     one_line_error(p, "unified.py", f"{spec}: no readable sample")
@@ -295,7 +295,7 @@ def test_one_shard_and_four_workers_trains_in_both_stages(teacher_dir, tmp_path,
     _good_shard(tmp_path / "one.tar", 12)
     T.main(TOK + ["--siglip", teacher_dir, "--out_dir", str(tmp_path / "tok"), "--data", str(tmp_path / "one.tar"),
                   "--workers", "4", "--max_steps", "2"])
-    tc = train_config(tmp_path / "uni", _tokenizer_dir(tmp_path), data=str(tmp_path / "one.tar"), num_workers=4,
+    tc = train_config(tmp_path / "uni", _tokenizer_dir(tmp_path), data=str(tmp_path / "one.tar"), workers=4,
                       max_steps=2, log_every=1)
     U.train(tc, dict(TINY_MODEL_KW))
     cap = capfd.readouterr()
