@@ -1,7 +1,9 @@
-"""Fault injection (issue 22, items 2 and 3): kill -9 during checkpoint writes of both stages, then
---resume, bit-identical to an uninterrupted run; mixed and half-written checkpoints refused in one
-line; data that holds no readable sample exits non-zero in seconds; fewer shards than readers; a
-shard set with every kind of bad member trains to the end with each counted. CPU, tiny configs.
+"""Fault injection (issue 22): kill -9 during checkpoint writes of both stages, then --resume,
+bit-identical to an uninterrupted run; mixed and half-written checkpoints refused in one line; data
+that holds no readable sample exits non-zero in seconds; fewer shards than readers; a shard set with
+every kind of bad member trains to the end with each counted; the rank digest sees exact bits;
+malformed LLaVA entries, escaping paths, shard names and configs from files refused or skipped before
+any allocation; every command line answers a user's mistake in one line. CPU, tiny configs.
 
 The kills are real SIGKILLs inside the checkpoint writer, at points chosen with the test-only
 environment variable DUALTOKEN_TEST_KILL (tokenizer._test_kill)."""
