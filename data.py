@@ -494,7 +494,7 @@ def _upright(im):
 # bad_caption_bytes: captions that are not valid UTF-8, kept with U+FFFD for the bad bytes (the rest
 # of the text, usually one Latin-1 letter off, is still the caption) and counted
 STAT_KEYS = ("samples", "empty", "bad_image", "too_large", "no_image", "no_caption", "bad_caption_bytes",
-             "bad_conversation", "bad_shards")
+             "bad_conversation", "bad_path", "bad_shards")
 
 
 class SkipCounts:
@@ -794,7 +794,7 @@ class _MapImages(torch.utils.data.Dataset):
                 continue
             self.counts.add("samples")
             return sample
-        raise RuntimeError("no readable sample in the dataset")
+        raise NoSamples(f"no readable sample in {n} items ({' '.join(f'{k}={v}' for k, v in self.stats.items() if v)})")
 
 
 def _image_files(folder, exts):
@@ -883,30 +883,58 @@ class LlavaDataset(_MapImages):
 
     def __init__(self, path, image_root, size, resample="bicubic", max_pixels=MAX_PIXELS):
         super().__init__(size, resample, max_pixels)
-        text = Path(path).read_text(encoding="utf-8")
-        self.items = ([json.loads(line) for line in text.splitlines() if line.strip()]
-                      if str(path).endswith(".jsonl") else json.loads(text))
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        try:
+            if str(path).endswith(".jsonl"):  # a line that is not JSON is one bad entry, not a bad file
+                self.items = [_json_or_none(line) for line in text.splitlines() if line.strip()]
+            else:
+                self.items = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
+        if not isinstance(self.items, list):
+            raise ValueError(f"{path}: expected a JSON list of entries, got {type(self.items).__name__}")
         self.image_root = Path(image_root)
 
     def _load(self, i):
         entry = self.items[i]
+        if not isinstance(entry, dict):
+            raise BadImage("bad_conversation", f"entry {i} is not an object")
+        name = str(entry.get("id", i))
         files = entry.get("image") or []
-        files = [files] if isinstance(files, str) else list(files)
-        try:
-            messages = [dict(role=LLAVA_ROLES[t["from"]], content=t["value"]) for t in entry["conversations"]]
-        except (KeyError, TypeError):
-            raise BadImage("bad_conversation", str(entry.get("id"))) from None
+        files = [files] if isinstance(files, str) else files
+        turns = entry.get("conversations")
+        if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+            raise BadImage("bad_conversation", f"{name}: image must be a path or a list of paths")
+        if not isinstance(turns, list) or not turns or not all(
+                isinstance(t, dict) and isinstance(t.get("from"), str) and t["from"] in LLAVA_ROLES
+                and isinstance(t.get("value"), str) for t in turns):
+            raise BadImage("bad_conversation", f"{name}: conversations must be a non-empty list of "
+                                               "{from: human|gpt|..., value: text}")
+        messages = [dict(role=LLAVA_ROLES[t["from"]], content=t["value"]) for t in turns]
         placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
         if files and placeholders == 0:
             first = next((m for m in messages if m["role"] == "user"), None)
             if first is None:
-                raise BadImage("bad_conversation", str(entry.get("id")))
+                raise BadImage("bad_conversation", f"{name}: images but no user turn")
             first["content"] = IMAGE_PLACEHOLDER * len(files) + "\n" + first["content"]
         elif placeholders != len(files):
-            raise BadImage("bad_conversation",
-                           f"{entry.get('id')}: {placeholders} <image> for {len(files)} images")
-        images = [self._image(self.image_root / f) for f in files]
-        return dict(id=str(entry.get("id", i)), images=images, messages=messages)
+            raise BadImage("bad_conversation", f"{name}: {placeholders} <image> for {len(files)} images")
+        images = [self._image(self._path(f, name)) for f in files]
+        return dict(id=name, images=images, messages=messages)
+
+    def _path(self, f, name):
+        # the json names files under image_root; an absolute path or one that climbs out with ".." could
+        # read any file the process can (a json from elsewhere is data, not trusted)
+        if os.path.isabs(f) or os.path.normpath(f).split(os.sep)[0] == os.pardir:
+            raise BadImage("bad_path", f"{name}: {f!r} is outside the image root")
+        return self.image_root / f
+
+
+def _json_or_none(line):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ The LPIPS weights file is made once from the two public files with
 
 import argparse
 import os
+import pickle
+import sys
+import warnings
 
 import torch
 import torch.nn as nn
@@ -69,9 +72,12 @@ class LPIPS(nn.Module):
             raise FileNotFoundError(f"LPIPS weights not found: {path}. Make them from the public "
                                     f"torchvision vgg16 and lpips v0.1 vgg.pth files with: {LPIPS_HELP}")
         from safetensors import safe_open  # lazy: the rest of this file needs only torch
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors' own error type for a truncated or foreign file
+            raise ValueError(f"{path}: not a readable safetensors file ({e}); remake it with: {LPIPS_HELP}") from None
         if meta.get("format") != LPIPS_FORMAT or meta.get("version") != LPIPS_VERSION:
             raise ValueError(f"{path}: not a {LPIPS_FORMAT} v{LPIPS_VERSION} file "
                              f"(metadata {meta}); remake it with: {LPIPS_HELP}")
@@ -112,10 +118,19 @@ def check_state_dict(state, shapes, source):
                              f"expected {tuple(shape)}")
 
 
+def _load_pth(path):
+    # weights_only: tensors and containers, never pickled code, from files downloaded elsewhere
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the pickle protocol before it fails
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise ValueError(f"{path}: not a weights file torch.load(weights_only=True) reads ({type(e).__name__})") from None
+
+
 def convert_lpips(vgg_path, lin_path, out_path):
     """torchvision vgg16-397923af.pth + lpips v0.1 vgg.pth -> one safetensors file for LPIPS."""
-    vgg = torch.load(vgg_path, map_location="cpu", weights_only=True)
-    lin = torch.load(lin_path, map_location="cpu", weights_only=True)
+    vgg, lin = _load_pth(vgg_path), _load_pth(lin_path)
     # explicit key map: features.N.* keep their names (same indices), classifier.* is dropped,
     # lin{k}.model.1.weight -> lins.{k}.weight (model.0 was lpips' dropout, which has no weights)
     state = {k: v for k, v in vgg.items() if not k.startswith("classifier.")}
@@ -266,14 +281,29 @@ def ssim(x, y, data_range=1.0, win_size=11, sigma=1.5, k=(0.01, 0.03)):
 
 # -----------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    # as tokenizer._Parser (this file imports no other): no abbreviated flags, errors in one line
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        print(f"losses.py: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="DualToken losses: weight conversion")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser = _Parser(prog="losses.py", description="DualToken losses: weight conversion")
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     p = sub.add_parser("convert-lpips", help="make the LPIPS-lite safetensors from the public files")
     p.add_argument("--vgg", required=True, help="torchvision vgg16-397923af.pth")
     p.add_argument("--lin", required=True, help="lpips v0.1 weights/v0.1/vgg.pth")
     p.add_argument("--out", default="lpips_vgg16.safetensors")
     args = parser.parse_args()
-    convert_lpips(args.vgg, args.lin, args.out)
+    try:
+        convert_lpips(args.vgg, args.lin, args.out)
+    except (OSError, ValueError, KeyError) as e:
+        # a missing, damaged or foreign input (torch.load's weights_only refuses pickled code), an unwritable --out
+        print(f"losses.py: error: convert-lpips: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        sys.exit(2)
     n = sum(t.numel() for t in LPIPS.from_file(args.out).state_dict().values())
     print(f"wrote {args.out} ({n:,} parameters)")

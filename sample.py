@@ -28,7 +28,7 @@ import os
 import sys
 import textwrap
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -37,15 +37,12 @@ from data import (BACKGROUNDS, HELDOUT, IMAGE_PLACEHOLDER, QUESTIONS, SHAPES_ATT
                   BadImage, encode_chat, open_image, parse_shapes_caption, read_back_accuracy, read_shapes,
                   shapes_caption,
                   shapes_sample, shapes_vocabulary, shapes_words, to_pil, to_tensor)
+from tokenizer import UsageError, _Parser, add_flags, check_device, check_numbers, model_dir, reading, run_main, writable_dir
 from unified import load_pretrained, sample_logits
 
 # the shipped demo checkpoint (trained on the shapes benchmark by the README's commands)
 DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "shapes")
 DESCRIBE = "Describe the image."  # the question asked when --image comes without --prompt
-
-
-class UsageError(Exception):
-    """A user mistake: printed as one line, no traceback."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,19 +455,11 @@ UNDERSTANDING_ONLY = ("max_new_tokens",)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(SampleConfig):
-        kind = {"bool": "store_true"}.get(type(f.default).__name__)
-        if kind:
-            p.add_argument(f"--{f.name}", action=kind, default=None)
-        else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=None,
-                           help=f"(default: {f.default!r})")
-    args = p.parse_args(argv)
-    given = {k for k, v in vars(args).items() if v is not None}
-    cfg = SampleConfig(**{k: getattr(args, k) for k in given})
-    return cfg, given
+    p = _Parser(prog="sample.py", description=__doc__.strip().splitlines()[0], argument_default=argparse.SUPPRESS,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(p, SampleConfig)  # the trainers' flag maker: typed from the dataclass, --compile alone is true
+    args = vars(p.parse_args(argv))
+    return SampleConfig(**args), set(args)
 
 
 def check_flags(cfg, given):
@@ -495,14 +484,12 @@ def check_flags(cfg, given):
         wrong = [k for k in UNDERSTANDING_ONLY if k in given]
         if wrong:
             raise UsageError(f"--{wrong[0]} applies to --image (image → text) only")
-    if cfg.num_samples < 1:
-        raise UsageError(f"--num_samples must be at least 1, got {cfg.num_samples}")
-    if ("temperature" in given and cfg.temperature < 0) or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
-        raise UsageError("--temperature must be ≥ 0, --top_p in (0, 1], --top_k ≥ 0")
+    check_numbers(cfg, at_least_1=("num_samples", "max_new_tokens"), at_least_0=("top_k", "threads"))
+    if ("temperature" in given and cfg.temperature < 0) or not 0 < cfg.top_p <= 1:
+        raise UsageError("--temperature must be ≥ 0, --top_p in (0, 1]")
     if "cfg" in given and cfg.cfg < 0:
         raise UsageError(f"--cfg must be ≥ 0, got {cfg.cfg}")
-    if cfg.threads < 0:
-        raise UsageError(f"--threads must be ≥ 0, got {cfg.threads}")
+    check_device("--device", cfg.device)
 
 
 def cpu_threads(flag, environ=os.environ):
@@ -516,19 +503,22 @@ def cpu_threads(flag, environ=os.environ):
 
 
 def load(ckpt, device):
-    if not os.path.isdir(ckpt):
-        hint = " (the demo checkpoint is made by the README's training commands)" if ckpt == DEFAULT_CKPT else ""
-        raise UsageError(f"no checkpoint directory at {ckpt}{hint}")
-    try:
-        model, enc, tokenizer = load_pretrained(ckpt, device)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise UsageError(f"cannot load checkpoint {ckpt}: {e}") from None
-    return model, enc, tokenizer
+    model_dir("--ckpt", ckpt, " (the demo checkpoint is made by the README's training commands)" if ckpt == DEFAULT_CKPT else "")
+    with reading(f"--ckpt {ckpt}: cannot load the checkpoint"):
+        return load_pretrained(ckpt, device)
 
 
 def main(argv=None):
+    return run_main("sample.py", _main, argv)
+
+
+def _main(argv):
     cfg, given = parse_args(argv)
     check_flags(cfg, given)
+    for flag, path in (("--out", cfg.out if not (cfg.image or cfg.figure or cfg.reader_grid) else ""),
+                       ("--figure", os.path.dirname(cfg.figure)), ("--reader_grid", os.path.dirname(cfg.reader_grid))):
+        if path:
+            writable_dir(flag, path)  # before minutes of sampling
     device = torch.device(cfg.device)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg.threads))
@@ -629,8 +619,4 @@ def read_back_report(prompt, images):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main()

@@ -20,6 +20,7 @@ presets, projections, decoder, model), then stage-1 training, evaluation and the
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import inspect
 import itertools
@@ -32,9 +33,10 @@ import signal
 import sys
 import tempfile
 import time
+import types
 import typing
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import NamedTuple, Optional
 
@@ -322,13 +324,161 @@ _HF_KEYS = {
 }
 
 
-def _safetensors_files(path):
-    # HF writes model.safetensors, or shards listed in model.safetensors.index.json's weight_map
+# --- strict loading, both stages (STYLE.md #6): configs typed and built on the meta device, every key
+# and shape checked from the safetensors headers, and only then memory allocated and tensors read
+
+
+def _is_a(value, tp):
+    # does a config.json value fit a dataclass annotation (int, float, str, bool, tuple, dict, X | None)?
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_is_a(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool or isinstance(value, bool):
+        return tp is bool and isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if tp is tuple:  # of numbers: dec_ch_mult, dec_attn, betas
+        return isinstance(value, (list, tuple)) and all(_is_a(v, float) for v in value)
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, (dict, tp))
+    return isinstance(value, tp)
+
+
+def check_types(config, source):
+    """Every field of a model config has its annotated type, and numbers are finite and ≥ 0 (sizes,
+    weights, rates), or ValueError naming source, field and value: a config.json with "width": "1152"
+    or "heads": -2 fails here, not deep in a layer."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if not _is_a(value, f.type):
+            raise ValueError(f"{source}: {f.name} = {value!r} is not of type {getattr(f.type, '__name__', f.type)}")
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0
+               for v in (value if isinstance(value, (list, tuple)) else [value])):
+            raise ValueError(f"{source}: {f.name} = {value!r} is negative")
+    return config
+
+
+def config_from_dict(cls, d, source):
+    """A config dataclass from a parsed config.json: unknown keys and wrong types are one-line errors."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}")
+    try:
+        return check_types(cls(**d), source)
+    except TypeError as e:  # a required field missing
+        raise ValueError(f"{source}: {e}") from None
+
+
+def read_json(path):
+    """A JSON file -> its value; a missing, unreadable or malformed file is one ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+
+
+def confined(root, name, source):
+    """root/name for a file name read from a file (a shard in an index, a checkpoint's tokenizer
+    path): a relative path that stays inside root, never an absolute one or one that climbs out."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or \
+            os.path.normpath(name).split(os.sep)[0] == os.pardir:
+        raise ValueError(f"{source}: {name!r} is not a file name inside {root}")
+    return os.path.join(root, name)
+
+
+def build_on_meta(cls, config, source):
+    """cls(config) on the meta device: shape checks run and nothing is allocated, so a nonsense or
+    huge config fails here in one line. Give the result storage with load_strict."""
+    try:
+        with torch.device("meta"):
+            return cls(config)
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as e:
+        raise ValueError(f"{source}: {str(e).splitlines()[0]}") from None
+
+
+def check_fits(model, device):
+    """A model built on meta whose fp32 weights alone exceed the memory of `device` ("auto", "cpu",
+    "cuda[:i]") is refused in one line, before an allocation would fail or swap for minutes."""
+    need = 4 * sum(t.numel() for t in itertools.chain(model.parameters(), model.buffers()))
+    name = "cuda" if device == "auto" and torch.cuda.is_available() else device
+    if str(name).startswith("cuda") and torch.cuda.is_available():
+        have = torch.cuda.get_device_properties(torch.device(name).index or 0).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ValueError(f"the model's weights alone need {need / 2**30:.1f} GiB, {name} has {have / 2**30:.1f} GiB: "
+                         "check the config's sizes")
+    return model
+
+
+def safetensors_files(path):
+    """A model directory -> its weight files: model.safetensors, or the shards named in
+    model.safetensors.index.json's weight_map (HF's layout), confined to the directory."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
-    return [os.path.join(path, "model.safetensors")]
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no weight_map object")
+        return [confined(path, n, index) for n in sorted(set(weight_map.values()), key=str)], weight_map
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    return [single], None
+
+
+def safetensors_shapes(path):
+    """-> (files, {key: shape}) from the headers alone; a truncated or foreign file is one line."""
+    files, weight_map = safetensors_files(path)
+    shapes = {}
+    for fn in files:
+        try:
+            with safe_open(fn, framework="pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except Exception as e:  # safetensors raises its own SafetensorError, OSError or others
+            raise ValueError(f"{fn}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    if weight_map is not None and set(shapes) != set(weight_map):
+        raise ValueError(f"{path}/model.safetensors.index.json: the shards hold {sorted(set(shapes) - set(weight_map))[:5]} "
+                         f"not in its weight_map and lack {sorted(set(weight_map) - set(shapes))[:5]}")
+    return files, shapes
+
+
+def check_state_shapes(want, got, source, hint=""):
+    """Strict: `got` (checkpoint key -> shape) holds exactly the keys of `want` (checkpoint key ->
+    (our name, our shape)), each with our shape. ValueError naming the keys, or the key and both shapes."""
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"{source}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected "
+                         f"keys {unexpected[:8]}{hint}")
+    bad = [f"{k}{'' if k == ours else f' (ours {ours})'} checkpoint {tuple(got[k])} vs model {tuple(shape)}"
+           for k, (ours, shape) in want.items() if tuple(got[k]) != tuple(shape)]
+    if bad:
+        raise ValueError(f"{source}: shape mismatch: " + "; ".join(bad[:5]))
+
+
+def load_strict(model, path, device="cpu", key_map=None, hint=""):
+    """Strict load of a model directory's safetensors (one file or shards) into `model` built on the
+    meta device (build_on_meta). key_map: checkpoint key -> ours (default: the same names). Headers
+    first: nothing is allocated or read until every key and shape matches. Tensors are cast to the
+    model's dtype. -> model, on `device`."""
+    own = model.state_dict()
+    key_map = key_map or {k: k for k in own}
+    assert sorted(key_map.values()) == sorted(own), "key map out of date"
+    files, shapes = safetensors_shapes(path)
+    check_state_shapes({k: (ours, own[ours].shape) for k, ours in key_map.items()}, shapes, path, hint)
+    model.to_empty(device=device)
+    own = model.state_dict()
+    with torch.no_grad():
+        for fn in files:  # one shard in memory at a time
+            for k, t in load_file(fn, device=str(device)).items():
+                own[key_map[k]].copy_(t)
+    return model
 
 
 def sincos_2d(grid, width, temperature=10000.0):
@@ -440,56 +590,42 @@ class SigLIP(nn.Module):
         assert sorted(m.values()) == sorted(n for n, _ in self.named_parameters()), "key map out of date"
         return m
 
-    def check_hf_shapes(self, shapes):
-        """Strict: `shapes` (HF name → shape) must hold exactly our keys, each with our shape."""
-        key_map, params = self.hf_key_map(), dict(self.named_parameters())
-        missing = sorted(set(key_map) - set(shapes))
-        extra = sorted(set(shapes) - set(key_map))
-        if missing or extra:
-            raise ValueError(f"SigLIP checkpoint keys differ: {len(missing)} missing {missing[:8]}, "
-                             f"{len(extra)} unexpected {extra[:8]}")
-        for hf, ours in key_map.items():
-            if tuple(shapes[hf]) != tuple(params[ours].shape):
-                raise ValueError(f"shape mismatch for {hf} (ours: {ours}): checkpoint {tuple(shapes[hf])}, "
-                                 f"model {tuple(params[ours].shape)}")
-
     @torch.no_grad()
     def load_hf_state_dict(self, state_dict):
         """Strictly load an HF SiglipModel state dict (any float dtype; cast to ours)."""
-        self.check_hf_shapes({k: v.shape for k, v in state_dict.items()})
-        self._copy_hf(state_dict)
-
-    @torch.no_grad()
-    def _copy_hf(self, tensors):
         params = dict(self.named_parameters())
-        for hf, ours in self.hf_key_map().items():
-            if hf in tensors:
-                params[ours].copy_(tensors[hf])
+        key_map = self.hf_key_map()
+        check_state_shapes({hf: (ours, params[ours].shape) for hf, ours in key_map.items()},
+                           {k: v.shape for k, v in state_dict.items()}, "SigLIP state dict")
+        for hf, ours in key_map.items():
+            params[ours].copy_(state_dict[hf])
 
     @classmethod
     def from_pretrained(cls, path):
         """A transformers SigLIP directory: config.json + model.safetensors (or sharded), fp32 or bf16."""
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
+        # Built on meta and then given storage: every parameter is overwritten, so skip init.
+        model = build_on_meta(cls, cls.read_config(path), os.path.join(path, "config.json"))
+        return load_strict(model, path, key_map=model.hf_key_map()).eval()  # training calls .train()
+
+    @staticmethod
+    def read_config(path):
+        """The SigLIPConfig of a transformers SigLIP directory; one ValueError naming the file otherwise."""
+        source = os.path.join(path, "config.json")
+        hf = read_json(source)
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source}: expected a JSON object")
         resample = None
         preprocessor = os.path.join(path, "preprocessor_config.json")
         if os.path.exists(preprocessor):
-            with open(preprocessor) as f:
-                resample = _PIL_RESAMPLE[json.load(f).get("resample", 3)]  # HF's SigLIP default: bicubic
-        config = SigLIPConfig.from_hf(hf, resample)
-        # Built on meta and then given storage: every parameter is overwritten below, so skip init.
-        with torch.device("meta"):
-            model = cls(config)
-        model.to_empty(device="cpu")
-        files = _safetensors_files(path)
-        shapes = {}
-        for fn in files:  # check every key and shape from the headers before reading any tensor
-            with safe_open(fn, framework="pt") as f:
-                shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
-        model.check_hf_shapes(shapes)
-        for fn in files:
-            model._copy_hf(load_file(fn))
-        return model.eval()  # as transformers does; training calls .train()
+            p = read_json(preprocessor)
+            resample = _PIL_RESAMPLE.get(p.get("resample", 3) if isinstance(p, dict) else None)  # HF's default: bicubic
+            if resample is None:
+                raise ValueError(f"{preprocessor}: resample must be 2 (bilinear) or 3 (bicubic)")
+        try:
+            config = check_types(SigLIPConfig.from_hf(hf, resample), source)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        return config
 
     def save_pretrained(self, path):
         """Writes the transformers layout (config.json, model.safetensors, preprocessor_config.json), so
@@ -540,12 +676,13 @@ class TokenizerConfig:
         return self.latent_size * 2 ** (len(self.dec_ch_mult) - 1)
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, source="config"):
         d = dict(d)
-        d["siglip"] = SigLIPConfig(**d["siglip"])
+        d["siglip"] = config_from_dict(SigLIPConfig, d.get("siglip"), f"{source}: siglip")
         for k in ("dec_ch_mult", "dec_attn"):  # JSON lists back to tuples, so configs compare equal
-            d[k] = tuple(d[k])
-        return cls(**d)
+            if isinstance(d.get(k), list):
+                d[k] = tuple(d[k])
+        return config_from_dict(cls, d, source)
 
 
 TOKENIZER_PRESETS = {
@@ -825,17 +962,13 @@ class DualTokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu"):
-        with open(os.path.join(path, "config.json")) as f:
-            d = json.load(f)
-        if d.pop("format", None) != CHECKPOINT_FORMAT:
+        source = os.path.join(path, "config.json")
+        d = read_json(source)
+        if not isinstance(d, dict) or d.pop("format", None) != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
-        # Built on meta, then given storage: the strict load below overwrites every tensor.
-        with torch.device("meta"):
-            model = cls(TokenizerConfig.from_dict(d))
-        model.to_empty(device=device)
-        state_dict = load_file(os.path.join(path, "model.safetensors"), device=str(device))
-        model.load_state_dict(state_dict, strict=True)  # errors name the key and both shapes
-        return model.eval()  # as transformers does; training calls .train()
+        # Built on meta, then given storage: the strict load overwrites every tensor.
+        model = build_on_meta(cls, TokenizerConfig.from_dict(d, source), source)
+        return load_strict(model, path, device).eval()  # as transformers does; training calls .train()
 
 
 # -----------------------------------------------------------------------------
@@ -929,8 +1062,10 @@ STAGES = ("teacher", "tokenizer", "eval")
 ABLATIONS = ("", "joint", "recon_only")
 
 
-class UsageError(Exception):
-    # A mistake on the command line or a missing input: main() prints it as one line, no traceback.
+class UsageError(ValueError):
+    # A mistake on the command line or in an input the user named (a wrong value, a missing, foreign or
+    # damaged file): run_main prints it as one line, no traceback. A ValueError, which callers from
+    # Python catch as they catch any wrong value.
     pass
 
 
@@ -964,8 +1099,103 @@ class Env(NamedTuple):
 
 
 class _Parser(argparse.ArgumentParser):
+    # every command line of this project: no prefix abbreviations (--l is not --lr), errors as UsageError
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):    # argparse would print the whole usage first: one line instead
         raise UsageError(f"{message} (see --help)")
+
+
+def run_main(prog, main, argv=None):
+    """The error handler of every command line here: a user's mistake (UsageError, or data without a
+    readable sample) is `prog: error: message`, one line on stderr, and exit 2; never a traceback."""
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    except (UsageError, NoSamples) as e:
+        print(f"{prog}: error: " + " ".join(str(e).split("\n")), file=sys.stderr)
+        sys.exit(2)
+
+
+@contextmanager
+def reading(what):
+    """Reading a file or directory the user named (`what`: the flag and its value): a missing,
+    truncated, foreign or mistyped one becomes a UsageError naming it, one line."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, OSError, KeyError) as e:
+        msg = " ".join(str(e).split("\n")) or type(e).__name__
+        raise UsageError(f"{what}: {'no ' + msg if isinstance(e, KeyError) else msg}") from None
+
+
+def model_dir(flag, path, hint=""):
+    """A directory flag: a path that is not there is refused in one line; a hub id (org/name) gets a
+    hint, since everything here reads local directories."""
+    if not os.path.isdir(path):
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path):
+            hint = (f" (a Hugging Face hub id? download it first: huggingface-cli download {path} "
+                    f"--local-dir DIR, then {flag} DIR)")
+        raise UsageError(f"{flag} {path}: no such directory{hint}")
+    return path
+
+
+def writable_dir(flag, path):
+    """An output directory, made if needed and written to once, before any work it would be lost to."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: not a writable directory ({e.strerror or e})") from None
+    return path
+
+
+def check_device(flag, name):
+    """"auto", "cpu", "cuda" or "cuda:N" of a CUDA device present -> name; anything else one line."""
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"{flag} {name!r}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag} {name!r}: this code runs on cpu or cuda")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"{flag} {name!r}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    return name
+
+
+def check_training(cfg, at_least_1=(), at_least_0=(), fractions=()):
+    """The settings both stages' TrainConfigs share (the schedule, AdamW, batch, checkpoints, device,
+    dtype), then the stage's own numbers: check_numbers."""
+    check_numbers(cfg, ("max_steps", "batch_size", "grad_accum", "log_every", "ckpt_every", *at_least_1),
+                  ("lr", "min_lr", "warmup", "decay_steps", "weight_decay", "grad_clip", "workers", *at_least_0),
+                  fractions)
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise UsageError(f"--betas takes two numbers in [0, 1), got {cfg.betas}")
+    check_device("--device", cfg.device)
+    if cfg.dtype not in ("bfloat16", "float32"):  # fp16 would need a GradScaler
+        raise UsageError(f"--dtype {cfg.dtype!r}: choose from 'bfloat16', 'float32'")
+
+
+def check_numbers(cfg, at_least_1=(), at_least_0=(), fractions=()):
+    """Numeric settings of a config dataclass: every float finite (nan/inf refused), counts and
+    intervals ≥ 1, the others named ≥ 0, fractions in [0, 1]; UsageError naming the flag."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+            raise UsageError(f"--{f.name} {value}: must be a finite number")
+    for name in at_least_1:
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in at_least_0:
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name} must be 0 or more, got {getattr(cfg, name)}")
+    for name in fractions:
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise UsageError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
 
 
 def _parse_bool(s):
@@ -983,23 +1213,36 @@ def _parse_floats(s):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
 
 
+def _flag_type(tp):
+    # an annotation -> the type of its flag: X | None (Optional[X]) also takes "none", bool takes
+    # true/false (yes/no, on/off, 1/0), tuple comma-separated numbers
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = _flag_type(next(a for a in typing.get_args(tp) if a is not type(None)))
+        parse = lambda s: None if s.lower() == "none" else inner(s)  # noqa: E731
+        parse.__name__ = getattr(inner, "__name__", "value")  # argparse: "invalid int value: 'x'"
+        return parse
+    return {bool: _parse_bool, tuple: _parse_floats}.get(tp, tp)
+
+
+def add_flags(p, cls, names=None, helptext=None):
+    """One `--name value` flag per field of the config dataclass cls (or the fields in names), typed
+    from its annotation: the flags come from the one source of defaults (STYLE.md #4). A bool flag
+    alone means true (`--compile`); `--compile false` also works."""
+    for f in fields(cls):
+        if names is None or f.name in names:
+            flag = f.type is bool
+            p.add_argument(f"--{f.name}", type=_flag_type(f.type), nargs="?" if flag else None,
+                           const=True if flag else None, metavar="A,B" if f.type is tuple else None,
+                           help=helptext or f"default {f.default!r}")
+
+
 def parse_args(argv):
     """Command line -> TrainConfig: the preset's values (or the defaults), then the flags given.
     One flag per TrainConfig field, typed from its annotation; unknown flags are errors."""
-    p = _Parser(prog="tokenizer.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
+    p = _Parser(prog="tokenizer.py", argument_default=argparse.SUPPRESS,
                 description="DualToken stage 1: train / evaluate the tokenizer, or the shapes teacher.")
     p.add_argument("--preset", help=f"start from a named configuration: {', '.join(TRAIN_PRESETS)}")
-    for f in fields(TrainConfig):
-        kind = f.type
-        if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        helptext = f"default {f.default!r}"
-        if kind is bool:  # `--compile` alone means true; `--compile false` also works
-            p.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, help=helptext)
-        elif kind is tuple:
-            p.add_argument(f"--{f.name}", type=_parse_floats, metavar="A,B", help=helptext)
-        else:
-            p.add_argument(f"--{f.name}", type=kind, help=helptext)
+    add_flags(p, TrainConfig)
     args = vars(p.parse_args(argv))
     name = args.pop("preset", None)
     if name is not None and name not in TRAIN_PRESETS:
@@ -1012,15 +1255,12 @@ def check_config(cfg):
     """Checks the values and resolves the ablation into the switches it stands for."""
     for name, value, allowed in (("stage", cfg.stage, STAGES), ("ablation", cfg.ablation, ABLATIONS),
                                  ("model", cfg.model, tuple(TOKENIZER_PRESETS)),
-                                 ("dtype", cfg.dtype, ("bfloat16", "float32")),  # fp16 would need a GradScaler
                                  ("disc_norm", cfg.disc_norm, ("batch", "act"))):
         if value not in allowed:
             raise UsageError(f"--{name} {value!r}: choose from {', '.join(map(repr, allowed))}")
-    for name in ("max_steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "eval_every", "eval_n"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name} must be at least 1")
-    if len(cfg.betas) != 2:
-        raise UsageError(f"--betas takes two numbers, got {cfg.betas}")
+    check_training(cfg, at_least_1=("eval_every", "eval_n"),
+                   at_least_0=("disc_start", "hard_negatives", "sem_weight", "sem_layer_weight", "sem_pool_weight",
+                               "commit_weight", "mse_weight", "lpips_weight", "gan_weight"))
     if cfg.eval and cfg.stage == "teacher":  # would otherwise retrain and overwrite the teacher
         raise UsageError("--eval evaluates a tokenizer checkpoint; the teacher stage reports its own zero-shot")
     if cfg.ablation == "joint":
@@ -1045,8 +1285,7 @@ def tokenizer_config(cfg, siglip_config):
     c = replace(c, **{k: getattr(cfg, k) for k in ("rec_layer", "sem_layer", "shortcut_weight", "codebook_size")
                       if getattr(cfg, k) is not None}, joint=cfg.ablation == "joint")
     try:  # DualTokenizer checks the taps against the backbone; on meta that costs no memory
-        with torch.device("meta"):
-            DualTokenizer(c)
+        check_fits(build_on_meta(DualTokenizer, c, "the tokenizer config"), cfg.device)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return c
@@ -1072,7 +1311,11 @@ def check_inputs(cfg):
         return
     if cfg.siglip and not _is_siglip_dir(cfg.siglip):
         hint = " (make it first: python tokenizer.py --preset shapes-teacher)" if cfg.data == "shapes" else ""
+        model_dir("--siglip", cfg.siglip, hint)
         raise UsageError(f"--siglip {cfg.siglip}: not a SigLIP directory (no config.json){hint}")
+    if cfg.siglip:
+        with reading(f"--siglip {cfg.siglip}"):  # the wrong kind of directory (a tokenizer's, an LLM's) in one line
+            SigLIP.read_config(cfg.siglip)
     if cfg.lpips and not os.path.isfile(cfg.lpips):
         raise UsageError(f"--lpips {cfg.lpips}: no such file (make it with: python losses.py convert-lpips ...)")
     if cfg.eval_data and not os.path.isdir(cfg.eval_data):
@@ -1097,7 +1340,7 @@ def check_inputs(cfg):
         resume_dir(cfg.out_dir)
 
 
-# --- setup, schedule, data, text
+# --- setup, schedule, data, text (setup, lr_at and make_optimizer serve stage 2 too)
 
 
 def setup(cfg):
@@ -1119,7 +1362,7 @@ def setup(cfg):
 
 def lr_at(cfg, step):
     # open_clip cosine_lr: linear warmup to lr over `warmup` steps, then a half cosine down to min_lr
-    # at decay_steps (default max_steps)
+    # at decay_steps (default max_steps; set it longer to cut a run into pieces on one schedule)
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     total = cfg.decay_steps or cfg.max_steps
@@ -1128,7 +1371,8 @@ def lr_at(cfg, step):
 
 
 def make_optimizer(model, cfg, fused=False):
-    # official (open_clip main.py): AdamW, no weight decay on biases, norms and gains (tensors under 2-D)
+    # official (open_clip main.py; nanoGPT does the same): AdamW, no weight decay on biases, norms and
+    # gains (tensors under 2-D); frozen parameters left out
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -1341,26 +1585,37 @@ def format_results(res, model, teacher, lpips, title):
 
 @torch.no_grad()
 def tensor_digest(tensors):
-    # (tensors, 2) float64: sum and sum of squares of each tensor, a cheap fingerprint to compare
-    return torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors])
+    # (tensors,) int64: the first 8 bytes of SHA-256 over each tensor's dtype, shape and raw bytes.
+    # Exact bits, not sums: a one-ulp drift or two swapped elements (equal sums) must show.
+    out = []
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+        out.append(int.from_bytes(h.digest()[:8], "little", signed=True))
+    return torch.tensor(out, dtype=torch.int64)
 
 
-def synced_tensors(model, disc):
-    # what must be equal on every rank: the tokenizer's parameters and buffers (the EMA codebooks)
-    # and the discriminator's parameters (its BatchNorm running statistics are per rank, as in taming,
-    # and unused: the discriminator always runs in training mode)
-    return [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point()), *disc.parameters()]
+def synced_tensors(model, disc=None):
+    # what must be equal on every rank: the model's parameters and floating buffers (stage 1's EMA
+    # codebooks, stage 2's frozen ones) and the discriminator's parameters (its BatchNorm running
+    # statistics are per rank, as in taming, and unused: the discriminator always runs in training mode)
+    return [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point()),
+            *(disc.parameters() if disc is not None else ())]
 
 
 def check_ranks_in_sync(env, tensors):
-    """All ranks must hold the same weights and codebooks: DDP keeps the parameters equal, rvq.py's
+    """All ranks must hold bit-identical weights and codebooks: DDP keeps the parameters equal, rvq.py's
     all-reduce the EMA codebooks. Raises when they diverged; returns the number of tensors compared."""
     d = tensor_digest(tensors)
     if env.ddp:
+        d = d.to(env.device)  # NCCL gathers device tensors only
         gathered = [torch.empty_like(d) for _ in range(env.world)]
         dist.all_gather(gathered, d)
-        if any(not torch.equal(g, d) for g in gathered):
-            raise RuntimeError("ranks diverged: parameters or codebooks differ between processes")
+        bad = sorted({i for g in gathered for i in (g != d).nonzero().flatten().tolist()})
+        if bad:
+            raise RuntimeError(f"ranks diverged: {len(bad)} of {len(d)} parameters or codebooks differ "
+                               f"between processes (first: tensor {bad[0]})")
     return d.shape[0]
 
 
@@ -1519,6 +1774,21 @@ def resume_dir(out_dir):
     raise UsageError(f"--resume: no checkpoint in --out_dir {out_dir}")
 
 
+def read_train_state(path):
+    """A train_state.pt -> dict, unpickling tensors and plain containers only (weights_only: a file is
+    data, never code); a missing or damaged one is one line."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about a foreign pickle protocol before it fails
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, pickle and torch errors alike
+        raise UsageError(f"{path}: not a readable train state ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UsageError(f"{path}: not a train state (no step)")
+    return state
+
+
 def save_checkpoint(cfg, env, model, disc, opt, dopt, step):
     # Model: save_pretrained from the unwrapped, uncompiled module (no DDP/compile key prefixes).
     # Training state apart, in one torch file readable with weights_only=True: optimizers,
@@ -1543,7 +1813,7 @@ def save_checkpoint(cfg, env, model, disc, opt, dopt, step):
 
 
 def load_train_state(cfg, env, path, disc, opt, dopt):
-    state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
+    state = read_train_state(os.path.join(path, "train_state.pt"))
     if state.get("format") != TRAIN_STATE_FORMAT:
         raise UsageError(f"{path}/train_state.pt is not a {TRAIN_STATE_FORMAT} file")
     opt.load_state_dict(state["optimizer"])
@@ -1596,14 +1866,16 @@ def _all_reduce_grads(module, world):
 def train_tokenizer(cfg, env):
     log = tqdm.write if env.master else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)  # identical initialization on every rank
-    siglip = SigLIP.from_pretrained(cfg.siglip)
+    with reading(f"--siglip {cfg.siglip}"):
+        siglip = SigLIP.from_pretrained(cfg.siglip)
     teacher = copy.deepcopy(siglip).requires_grad_(False).eval().to(env.device)  # F_0 of eq. (4), frozen
     mcfg = tokenizer_config(cfg, siglip.config)
     ckpt = resume_dir(cfg.out_dir) if cfg.resume else None
     if cfg.resume:
         if env.master and ckpt != cfg.out_dir:
             publish(cfg.out_dir, ckpt)
-        model = DualTokenizer.from_pretrained(ckpt)
+        with reading(f"--resume {ckpt}"):
+            model = DualTokenizer.from_pretrained(ckpt)
         if model.config != mcfg:
             diff = [k for k in asdict(mcfg) if asdict(mcfg)[k] != asdict(model.config)[k]]
             raise UsageError(f"--resume: the checkpoint {ckpt} has another model config ({', '.join(diff)})")
@@ -1614,7 +1886,8 @@ def train_tokenizer(cfg, env):
     model.grad_checkpointing = cfg.grad_checkpointing
     model.to(env.device).train()
     disc = PatchGAN(norm=cfg.disc_norm).to(env.device).train()
-    lpips = LPIPS.from_file(cfg.lpips).to(env.device) if cfg.lpips else None
+    with reading(f"--lpips {cfg.lpips}"):
+        lpips = LPIPS.from_file(cfg.lpips).to(env.device) if cfg.lpips else None
     fused = env.device.type == "cuda"
     opt = make_optimizer(model, cfg, fused)
     dopt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)  # official: Adam, no decay
@@ -1790,8 +2063,9 @@ def train_teacher(cfg, env):
         ckpt = resume_dir(cfg.out_dir)
         if env.master and ckpt != cfg.out_dir:
             publish(cfg.out_dir, ckpt)
-        model.load_state_dict(SigLIP.from_pretrained(ckpt).state_dict())
-        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
+        with reading(f"--resume {ckpt}"):
+            model.load_state_dict(SigLIP.from_pretrained(ckpt).state_dict())
+        state = read_train_state(os.path.join(ckpt, "train_state.pt"))
         if state.get("format") != TRAIN_STATE_FORMAT or state.get("stage") != "teacher":
             raise UsageError(f"{ckpt}/train_state.pt is not a teacher {TRAIN_STATE_FORMAT} file")
         opt.load_state_dict(state["optimizer"])
@@ -1868,12 +2142,15 @@ def siglip_zero_shot(siglip, cfg, env, dataset, encode):
 def run_eval(cfg, env):
     if not env.master:
         return
-    model = DualTokenizer.from_pretrained(cfg.out_dir, device=env.device)
+    with reading(f"--eval --out_dir {cfg.out_dir}"):
+        model = DualTokenizer.from_pretrained(cfg.out_dir, device=env.device)
     c = model.config
-    teacher = SigLIP.from_pretrained(cfg.siglip).to(env.device) if cfg.siglip else None
+    with reading(f"--siglip {cfg.siglip}"):
+        teacher = SigLIP.from_pretrained(cfg.siglip).to(env.device) if cfg.siglip else None
     if teacher is not None and teacher.config != c.siglip:
         raise UsageError(f"--siglip {cfg.siglip} is not the backbone of the tokenizer in {cfg.out_dir}")
-    lpips = LPIPS.from_file(cfg.lpips).to(env.device) if cfg.lpips else None
+    with reading(f"--lpips {cfg.lpips}"):
+        lpips = LPIPS.from_file(cfg.lpips).to(env.device) if cfg.lpips else None
     dataset = eval_dataset(cfg, c.siglip.image_size, c.siglip.resample)
     tasks = zero_shot_tasks(cfg, model.siglip, text_encoder(cfg, c.siglip.text_len), dataset, env.device)
     png_dir = os.path.join(cfg.out_dir, "eval")
@@ -1896,24 +2173,25 @@ def run_eval(cfg, env):
 
 
 def main(argv=None):
+    return run_main("tokenizer.py", _main, argv)
+
+
+def _main(argv):
+    cfg = parse_args(argv)
+    check_inputs(cfg)
+    if not (cfg.eval or cfg.stage == "eval"):
+        writable_dir("--out_dir", cfg.out_dir)  # before any work that could not be saved
+    env = setup(cfg)
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        check_inputs(cfg)
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        env = setup(cfg)
-        try:
-            if cfg.stage == "teacher":
-                train_teacher(cfg, env)
-            elif cfg.eval or cfg.stage == "eval":
-                run_eval(cfg, env)
-            else:
-                train_tokenizer(cfg, env)
-        finally:
-            if env.ddp:
-                dist.destroy_process_group()
-    except (UsageError, NoSamples) as e:
-        print(f"tokenizer.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if cfg.stage == "teacher":
+            train_teacher(cfg, env)
+        elif cfg.eval or cfg.stage == "eval":
+            run_eval(cfg, env)
+        else:
+            train_tokenizer(cfg, env)
+    finally:
+        if env.ddp:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -27,14 +27,10 @@ import glob
 import hashlib
 import itertools
 import json
-import math
 import os
 import random
 import shutil
-import sys
 import time
-import types
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -52,9 +48,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, NoSamples, ShapesDataset, WebDataset,
+from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, ShapesDataset, WebDataset,
                   encode_chat, load_text_tokenizer, shapes_sample, to_tensor)
-from tokenizer import MANIFEST, DualTokenizer, UsageError, latest_checkpoint, verify_checkpoint, write_checkpoint
+# the training skeleton is stage 1's: flags from the config dataclass, torchrun setup, the schedule,
+# AdamW, strict loading, atomic checkpoints, the one-line error handler
+from tokenizer import (MANIFEST, DualTokenizer, UsageError, _Parser, add_flags, build_on_meta, check_fits,
+                       check_ranks_in_sync, check_state_shapes, check_training, check_types, config_from_dict, confined,
+                       latest_checkpoint, load_strict, lr_at, make_optimizer, model_dir, read_json, read_train_state,
+                       reading, run_main, safetensors_shapes, setup, synced_tensors, verify_checkpoint, writable_dir,
+                       write_checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,6 +78,7 @@ class Qwen2Config:
     max_seq_len: int = 32768         # HF max_position_embeddings; informational, RoPE has no table
 
     def __post_init__(self):
+        check_types(self, "Qwen2Config")  # a config.json value of the wrong type fails here, by name
         if self.head_dim is None:
             self.head_dim = self.dim // self.n_head
         if self.n_head % self.n_kv_head:
@@ -88,6 +91,19 @@ class Qwen2Config:
         if name not in PRESETS:
             raise ValueError(f"unknown Qwen2 preset {name!r}; known: {', '.join(PRESETS)}")
         return cls(**PRESETS[name])
+
+    @classmethod
+    def from_hf_file(cls, path):
+        """from_hf of a config.json file, with every problem one ValueError naming the file."""
+        hf = read_json(path)
+        try:
+            if not isinstance(hf, dict):
+                raise ValueError("expected a JSON object")
+            return check_types(cls.from_hf(hf), path)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            msg = str(e).splitlines()[0] if str(e) else ""
+            msg = msg if msg.startswith(str(path)) else f"{path}: " + (f"no {msg}" if isinstance(e, KeyError) else msg)
+            raise ValueError(msg) from None
 
     @classmethod
     def from_hf(cls, hf):
@@ -466,25 +482,20 @@ class Qwen2(nn.Module):
                 out[hf] = ours
         return out
 
+    def _hf_hint(self, keys):
+        # the usual cause of a lm_head.weight mismatch, said in words
+        if "lm_head.weight" in keys and self.lm_head is None:
+            return " (lm_head.weight in a checkpoint whose config ties the embeddings)"
+        if "lm_head.weight" not in keys and self.lm_head is not None:
+            return " (no lm_head.weight: is the checkpoint tied while config.json says untied?)"
+        return ""
+
     def load_hf_state_dict(self, sd, assign=False):
         """Load an HF-keyed state dict strictly: every key present, none unexpected, every shape
         equal. assign=True takes the tensors as they are (for a model built on the meta device)."""
         key_map, own = self.hf_key_map(), self.state_dict()
-        missing = [k for k in key_map if k not in sd]
-        unexpected = [k for k in sd if k not in key_map]
-        if missing or unexpected:
-            hint = ""
-            if "lm_head.weight" in unexpected and self.lm_head is None:
-                hint = " (lm_head.weight in a checkpoint whose config ties the embeddings)"
-            if "lm_head.weight" in missing:
-                hint = " (no lm_head.weight: is the checkpoint tied while config.json says untied?)"
-            raise ValueError(f"checkpoint does not match {self.config}: {len(missing)} missing "
-                             f"{missing[:10]}, {len(unexpected)} unexpected {unexpected[:10]}{hint}")
-        bad = [f"{k} (ours {ours}): checkpoint shape {tuple(sd[k].shape)}, "
-               f"model shape {tuple(own[ours].shape)}"
-               for k, ours in key_map.items() if sd[k].shape != own[ours].shape]
-        if bad:
-            raise ValueError("shape mismatch:\n  " + "\n  ".join(bad))
+        check_state_shapes({k: (ours, own[ours].shape) for k, ours in key_map.items()},
+                           {k: v.shape for k, v in sd.items()}, "checkpoint", self._hf_hint(sd))
         self.load_state_dict({ours: sd[k].to(own[ours].dtype) for k, ours in key_map.items()},
                              strict=True, assign=assign)
 
@@ -496,14 +507,17 @@ class Qwen2(nn.Module):
     def from_pretrained(cls, path, dtype=None):
         """A Qwen2 from an HF directory: config.json + model.safetensors, or shards listed in
         model.safetensors.index.json. dtype None keeps the checkpoint's (that of its embedding)."""
-        path = Path(path)
-        config = Qwen2Config.from_hf(json.loads((path / "config.json").read_text()))
-        sd = load_safetensors(path)
-        dtype = dtype or sd.get("model.embed_tokens.weight", next(iter(sd.values()))).dtype
-        with torch.device("meta"):  # no random init of weights that are about to be replaced
-            model = cls(config).to(dtype)
-        model.load_hf_state_dict(sd, assign=True)
-        return model
+        source = os.path.join(path, "config.json")
+        config = Qwen2Config.from_hf_file(source)
+        model = build_on_meta(cls, config, source)  # no random init of weights about to be replaced
+        files, shapes = safetensors_shapes(path)
+        if dtype is None:
+            for fn in files:
+                with safe_open(fn, framework="pt") as f:
+                    if "model.embed_tokens.weight" in f.keys():
+                        dtype = f.get_slice("model.embed_tokens.weight").get_dtype()
+            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
+        return load_strict(model.to(dtype), path, key_map=model.hf_key_map(), hint=model._hf_hint(shapes))
 
     def save_pretrained(self, path):
         """Write an HF-format directory (config.json + model.safetensors) that both
@@ -517,20 +531,8 @@ class Qwen2(nn.Module):
 
 def load_safetensors(path):
     """All tensors of an HF checkpoint directory, single-file or sharded, keyed as stored."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        sd = {}
-        for shard in sorted(set(weight_map.values())):
-            sd.update(load_file(path / shard))
-        if set(sd) != set(weight_map):
-            raise ValueError(f"{index}: shards hold {sorted(set(sd) - set(weight_map))} not in the "
-                             f"weight_map, and lack {sorted(set(weight_map) - set(sd))}")
-        return sd
-    if (path / "model.safetensors").exists():
-        return load_file(path / "model.safetensors")
-    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+    files, _ = safetensors_shapes(path)  # shard names confined to path, headers checked
+    return {k: v for fn in files for k, v in load_file(fn).items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,6 +601,7 @@ class UnifiedConfig:
     def __post_init__(self):
         if isinstance(self.llm, dict):
             self.llm = Qwen2Config(**self.llm)
+        check_types(self, "UnifiedConfig")
         if self.depth_dim is None:
             self.depth_dim = self.llm.dim
         if self.depth_mlp is None:
@@ -908,28 +911,18 @@ class UnifiedModel(nn.Module):
         for f in ("config.json", "model.safetensors"):
             if not (path / f).is_file():
                 raise FileNotFoundError(f"{path}: no {f} (not a UnifiedModel.save_pretrained directory)")
-        d = json.loads((path / "config.json").read_text())
-        if d.pop("format", None) != UNIFIED_FORMAT:
-            raise ValueError(f"{path / 'config.json'}: not a {UNIFIED_FORMAT} checkpoint")
-        if d["text_tokenizer"] not in (None, "bytes"):
-            d["text_tokenizer"] = str(path / d["text_tokenizer"])
-        config = UnifiedConfig(**d)
-        with torch.device("meta"):  # no random init of weights that are about to be replaced
-            model = cls(config)
-        # fp32 whatever the file holds (a bf16 checkpoint too): CPU sampling runs fp32, CUDA autocasts
-        sd = {k: v.float() if v.is_floating_point() else v
-              for k, v in load_file(path / "model.safetensors", device=str(device)).items()}
-        own = model.state_dict()
-        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"{path / 'model.safetensors'}: {len(missing)} missing keys {missing[:5]}, "
-                             f"{len(unexpected)} unexpected keys {unexpected[:5]}")
-        bad = [f"{k} checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-               for k, v in own.items() if sd[k].shape != v.shape]
-        if bad:
-            raise ValueError(f"{path / 'model.safetensors'}: shape mismatch: " + "; ".join(bad[:5]))
-        model.load_state_dict(sd, strict=True, assign=True)
-        return model.eval()
+        source = str(path / "config.json")
+        d = read_json(source)
+        if not isinstance(d, dict) or d.pop("format", None) != UNIFIED_FORMAT:
+            raise ValueError(f"{source}: not a {UNIFIED_FORMAT} checkpoint")
+        if d.get("text_tokenizer") not in (None, "bytes"):  # a directory inside this one, never elsewhere
+            d["text_tokenizer"] = confined(str(path), d["text_tokenizer"], f"{source}: text_tokenizer")
+        if isinstance(d.get("llm"), dict):
+            d["llm"] = config_from_dict(Qwen2Config, d["llm"], f"{source}: llm")
+        # no random init of weights that are about to be replaced; fp32 whatever the file holds (a bf16
+        # checkpoint too): CPU sampling runs fp32, CUDA autocasts
+        model = build_on_meta(cls, config_from_dict(UnifiedConfig, d, source), source)
+        return load_strict(model, str(path), device).eval()
 
 
 def _stored(v, dtype):
@@ -1235,18 +1228,18 @@ class TrainConfig:
     gen_ratio: float = 0.5           # share of generation samples (caption → image); the rest understanding
     caption_drop: float = 0.1        # generation samples with an empty caption: the unconditional model of CFG
     qa_turns: int = 1                # shapes: questions per understanding conversation (1..6)
-    num_workers: int = 4             # webdataset decoding workers
+    workers: int = 4                 # DataLoader workers decoding webdataset shards
     # optimization
     batch_size: int = 8              # sequences per micro-batch and rank
     grad_accum: int = 1              # micro-batches per step and rank (the batch is × world size too)
     max_steps: int = 100_000
     lr: float = 1e-4
     min_lr: float = 1e-5
-    warmup_steps: int = 1000
-    lr_decay_steps: int = 0          # cosine length; 0 = max_steps (a run cut into pieces keeps its schedule)
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
+    warmup: int = 1000               # linear warm-up steps, then a half cosine to min_lr (tokenizer.lr_at;
+                                     # stage 2 warmed up to lr·(s+1)/(warmup+1) before: ≤ 3 % apart at 30)
+    decay_steps: int = 0             # cosine length; 0 = max_steps (a run cut into pieces keeps its schedule)
+    weight_decay: float = 0.0        # AdamW, on ≥ 2-D tensors only (tokenizer.make_optimizer)
+    betas: tuple = (0.9, 0.95)
     grad_clip: float = 1.0           # 0 disables
     # system
     device: str = "auto"             # "auto" (cuda if available), "cpu", "cuda"
@@ -1265,7 +1258,7 @@ TRAIN_PRESETS = {
     # The CPU demo on the shapes benchmark: ~37 min on 2 cores (2 processes × batch 8), what the
     # one-hour pipeline leaves; more steps generate better and lr 1e-3 learns fastest (EXPERIMENTS.md, §4).
     "shapes": dict(model="shapes", data="shapes", n_images=100_000, batch_size=16, max_steps=3000,
-                   qa_turns=3, lr=1e-3, min_lr=1e-4, warmup_steps=30, num_workers=0,
+                   qa_turns=3, lr=1e-3, min_lr=1e-4, warmup=30, workers=0,
                    out_dir="out/unified-shapes", log_every=50, ckpt_every=250),
 }
 
@@ -1275,37 +1268,13 @@ MODEL_FLAGS = tuple(f for f in fields(UnifiedConfig)
                     if f.name not in ("llm", "code_dim", "codebook_size", "rvq_depth", "grid", "special_tokens"))
 
 
-def _parse_bool(s):
-    if s.lower() in ("1", "true", "yes"):
-        return True
-    if s.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
-def _flag_type(tp):
-    if isinstance(tp, types.UnionType):  # int | None and friends: "none" means None
-        inner = next(a for a in tp.__args__ if a is not type(None))
-        return lambda s: None if s.lower() == "none" else _flag_type(inner)(s)
-    return _parse_bool if tp is bool else tp
-
-
 def parse_args(argv):
     """Flags -> (the TrainConfig fields given, the UnifiedConfig fields given). Every field is a
     `--key value` flag typed from its dataclass; unknown flags are an error."""
-    p = argparse.ArgumentParser(prog="unified.py", argument_default=argparse.SUPPRESS,
-                                description="DualToken stage 2: train the unified model "
-                                            "(or `unified.py extract-codes ...`)")
-    def metavar(tp):
-        return "|".join("NONE" if a is type(None) else a.__name__.upper() for a in getattr(tp, "__args__", (tp,)))
-
-    for f in fields(TrainConfig):
-        p.add_argument(f"--{f.name}", type=_flag_type(f.type), metavar=metavar(f.type),
-                       nargs="?" if f.type is bool else None, const=True if f.type is bool else None,
-                       help=f"default {f.default!r}")
-    for f in MODEL_FLAGS:
-        p.add_argument(f"--{f.name}", type=_flag_type(f.type), metavar=metavar(f.type),
-                       help="UnifiedConfig; default: the --model preset's")
+    p = _Parser(prog="unified.py", argument_default=argparse.SUPPRESS,
+                description="DualToken stage 2: train the unified model (or `unified.py extract-codes ...`)")
+    add_flags(p, TrainConfig)
+    add_flags(p, UnifiedConfig, {f.name for f in MODEL_FLAGS}, "UnifiedConfig; default: the --model preset's")
     given = vars(p.parse_args(argv))
     model_kw = {f.name: given.pop(f.name) for f in MODEL_FLAGS if f.name in given}
     return given, model_kw
@@ -1316,23 +1285,45 @@ def resolve_train_config(given):
     train_config.json < flags (so `--resume DIR --max_steps 2000` extends a run)."""
     if given.get("resume"):
         if "preset" in given:
-            raise ValueError("--preset with --resume: the run's settings come from its checkpoint")
+            raise UsageError("--preset with --resume: the run's settings come from its checkpoint")
         given["resume"] = resume_dir(given["resume"], verify=False)  # _train verifies it
         path = Path(given["resume"]) / "train_config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{given['resume']}: no train_config.json (not a checkpoint of unified.py)")
-        base = json.loads(path.read_text())
+            raise UsageError(f"--resume {given['resume']}: no train_config.json (not a checkpoint of unified.py)")
+        with reading(f"--resume {given['resume']}"):  # unknown keys and wrong types, by name
+            base = asdict(config_from_dict(TrainConfig, _renamed(read_json(path)), str(path)))
     else:
         base = asdict(TrainConfig())
         preset = given.get("preset", "")
         if preset:
             if preset not in TRAIN_PRESETS:
-                raise ValueError(f"unknown preset {preset!r}; known: {', '.join(TRAIN_PRESETS)}")
+                raise UsageError(f"unknown preset {preset!r}; known: {', '.join(TRAIN_PRESETS)}")
             base.update(TRAIN_PRESETS[preset])
     base.update(given)
-    tc = TrainConfig(**base)
+    return check_train_config(TrainConfig(**base))
+
+
+def _renamed(saved):
+    # train_config.json of runs before the stages shared their names (tokenizer.py's): still resumable
+    if isinstance(saved, dict):
+        saved = dict(saved)
+        for old, new in (("warmup_steps", "warmup"), ("lr_decay_steps", "decay_steps"), ("num_workers", "workers")):
+            if old in saved:
+                saved[new] = saved.pop(old)
+        if "beta1" in saved and "beta2" in saved:
+            saved["betas"] = (saved.pop("beta1"), saved.pop("beta2"))
+        if isinstance(saved.get("betas"), list):
+            saved["betas"] = tuple(saved["betas"])
+    return saved
+
+
+def check_train_config(tc):
+    """The values of a TrainConfig, checked where it is built (flags, a resumed run's file, Python)."""
+    check_training(tc, at_least_1=("n_images", "shard_size"), fractions=("gen_ratio", "caption_drop"))
+    if tc.freeze not in ("none", "llm", "heads"):
+        raise UsageError(f"--freeze {tc.freeze!r}: choose from 'none', 'llm', 'heads'")
     if not 1 <= tc.qa_turns <= len(QUESTIONS):
-        raise ValueError(f"--qa_turns {tc.qa_turns}: between 1 and {len(QUESTIONS)} (the question types)")
+        raise UsageError(f"--qa_turns {tc.qa_turns}: between 1 and {len(QUESTIONS)} (the question types)")
     return tc
 
 
@@ -1358,43 +1349,30 @@ def build_config(tc, model_kw, tokenizer):
     """The UnifiedConfig of a new run: the --model preset, the code shape of the tokenizer, the LLM
     of --llm and the special-token ids of the text tokenizer, then the model flags."""
     if tc.model not in UNIFIED_PRESETS:
-        raise ValueError(f"unknown model preset {tc.model!r}; known: {', '.join(UNIFIED_PRESETS)}")
+        raise UsageError(f"unknown model preset {tc.model!r}; known: {', '.join(UNIFIED_PRESETS)}")
     kw = {**copy.deepcopy(UNIFIED_PRESETS[tc.model]), **model_kw}
     if tc.llm in PRESETS:
         kw["llm"] = Qwen2Config.preset(tc.llm)
     elif tc.llm:
-        kw["llm"] = Qwen2Config.from_hf(json.loads((Path(tc.llm) / "config.json").read_text()))
+        model_dir("--llm", tc.llm, f" and not a Qwen2 preset ({', '.join(PRESETS)})")
+        with reading(f"--llm {tc.llm}"):  # a tokenizer's or SigLIP's directory, say, in one line
+            kw["llm"] = Qwen2Config.from_hf_file(os.path.join(tc.llm, "config.json"))
         kw.setdefault("text_tokenizer", tc.llm)  # Qwen2.5 directories ship their tokenizer
     t = tokenizer.config
     kw.update(code_dim=t.code_dim, codebook_size=t.codebook_size, rvq_depth=t.depth, grid=t.siglip.grid)
     if kw.get("text_tokenizer") is None:
-        raise ValueError("no text tokenizer: pass --llm DIR (a Qwen2.5 directory) or --text_tokenizer")
-    kw["special_tokens"] = text_tokenizer_ids(load_text_tokenizer(kw["text_tokenizer"]))
-    return UnifiedConfig(**kw)
-
-
-def lr_at(step, tc):
-    # linear warmup, then cosine decay to min_lr over lr_decay_steps (nanoGPT's schedule)
-    decay = tc.lr_decay_steps or tc.max_steps
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / (tc.warmup_steps + 1)
-    if step >= decay:
-        return tc.min_lr
-    ratio = (step - tc.warmup_steps) / max(1, decay - tc.warmup_steps)
-    return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (tc.lr - tc.min_lr)
-
-
-def _dist_info():
-    # torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python unified.py` has none
-    if "RANK" not in os.environ:
-        return None
-    return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        raise UsageError("no text tokenizer: pass --llm DIR (a Qwen2.5 directory) or --text_tokenizer")
+    with reading(f"--text_tokenizer {kw['text_tokenizer']}"):
+        kw["special_tokens"] = text_tokenizer_ids(load_text_tokenizer(kw["text_tokenizer"]))
+    with reading("model flags"):
+        return UnifiedConfig(**kw)
 
 
 def _load_tokenizer(tc, device):
     if not tc.tokenizer:
-        raise ValueError("--tokenizer DIR is required: the DualTokenizer the codes come from")
-    tokenizer = DualTokenizer.from_pretrained(tc.tokenizer, device=device)
+        raise UsageError("--tokenizer DIR is required: the DualTokenizer the codes come from")
+    with reading(f"--tokenizer {model_dir('--tokenizer', tc.tokenizer)}"):
+        tokenizer = DualTokenizer.from_pretrained(tc.tokenizer, device=device)
     tokenizer.requires_grad_(False)
     return tokenizer
 
@@ -1402,44 +1380,36 @@ def _load_tokenizer(tc, device):
 def train(tc, model_kw=None):
     """Run stage 2 with TrainConfig tc (model_kw: UnifiedConfig fields for a new run) -> the trained
     UnifiedModel (unwrapped). Under torchrun each process trains its rank's share (DDP or FSDP2)."""
-    info = _dist_info()
-    use_cuda = torch.cuda.is_available() if tc.device == "auto" else tc.device.startswith("cuda")
-    if info is not None:
-        rank, local_rank, world = info
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        device = f"cuda:{local_rank}" if use_cuda else "cpu"
-    else:
-        rank, local_rank, world = 0, 0, 1
-        device = "cuda" if use_cuda else "cpu"
-    if use_cuda:
-        torch.cuda.set_device(device)
+    env = setup(check_train_config(tc))  # stage 1's: torchrun's RANK, the device, autocast
     try:
-        return _train(tc, model_kw or {}, rank, world, device)
+        return _train(tc, model_kw or {}, env)
     finally:
-        if info is not None:
+        if env.ddp:
             dist.destroy_process_group()
 
 
-def _train(tc, model_kw, rank, world, device):
-    master, distributed = rank == 0, world > 1
+def _train(tc, model_kw, env):
+    rank, world, device = env.rank, env.world, env.device
+    master, distributed = env.master, world > 1
     say = tqdm.write if master else (lambda *a, **k: None)
-    if tc.freeze not in ("none", "llm", "heads"):
-        raise ValueError(f"freeze={tc.freeze!r}: one of 'none', 'llm', 'heads'")
     tokenizer = _load_tokenizer(tc, device)
 
     # --- model: new (preset / Qwen2.5 directory + the tokenizer's codebooks) or resumed
     torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP2 does not broadcast)
     if tc.resume:
         if model_kw:
-            raise ValueError(f"model flags {sorted(model_kw)} with --resume: the model comes from the checkpoint")
+            raise UsageError(f"model flags {sorted(model_kw)} with --resume: the model comes from the checkpoint")
         ckpt = resume_dir(tc.resume)
-        model = UnifiedModel.from_pretrained(ckpt, device)
+        with reading(f"--resume {ckpt}"):
+            model = UnifiedModel.from_pretrained(ckpt, device)
         if not (torch.equal(model.pix_codebook, tokenizer.pix_rvq.codebook[0])
                 and torch.equal(model.sem_codebook, tokenizer.sem_rvq.codebook[0])):
-            raise ValueError(f"--tokenizer is not the tokenizer of the run in {ckpt}")
+            raise UsageError(f"--tokenizer is not the tokenizer of the run in {ckpt}")
     else:
         config = build_config(tc, model_kw, tokenizer)
-        llm = Qwen2.from_pretrained(tc.llm, dtype=torch.float32) if tc.llm and tc.llm not in PRESETS else None
+        check_fits(build_on_meta(UnifiedModel, config, "the model config"), str(device))  # before any allocation
+        with reading(f"--llm {tc.llm}"):
+            llm = Qwen2.from_pretrained(tc.llm, dtype=torch.float32) if tc.llm and tc.llm not in PRESETS else None
         model = UnifiedModel.from_tokenizer(config, tokenizer, llm)
     config = model.config
     enc = load_text_tokenizer(config.text_tokenizer)
@@ -1457,7 +1427,7 @@ def _train(tc, model_kw, rank, world, device):
     model.llm.grad_checkpointing = tc.grad_checkpointing
     raw = model  # saved from here: unwrapped and uncompiled
     if tc.fsdp:
-        mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (world,))
+        mesh = init_device_mesh(device.type, (world,))
         # one unit per transformer block (LLM and depth heads); embeddings, projector, the heads'
         # input projections and classifiers form the root unit
         heads = [h for h in (model.pix_head, model.sem_head) if h is not None]
@@ -1467,36 +1437,33 @@ def _train(tc, model_kw, rank, world, device):
     if tc.compile:
         model = torch.compile(model)  # before the DDP wrap, as nanoGPT does
     if distributed and not tc.fsdp:
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # AdamW; no weight decay on biases, norms and other vectors (nanoGPT)
-    params = [p for p in raw.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.startswith("cuda"))
+    opt = make_optimizer(raw, tc, fused=device.type == "cuda")  # stage 1's AdamW groups
+    params = [p for g in opt.param_groups for p in g["params"]]
 
     # --- data
     gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + rank)  # each rank its own draws
     if tc.codes:
-        source = CodeShards(tc.codes, tokenizer_fingerprint(tokenizer), tc.seed, rank, world)
+        with reading(f"--codes {tc.codes}"):
+            source = CodeShards(tc.codes, tokenizer_fingerprint(tokenizer), tc.seed, rank, world)
     elif tc.data == "shapes":
         source = ShapesSource(tc.n_images, gen, tc.qa_turns)
     else:
         s = tokenizer.config.siglip
-        source = WebSource(tc.data, s.image_size, s.resample, tc.seed, tc.num_workers)
+        source = WebSource(tc.data, s.image_size, s.resample, tc.seed, tc.workers)
     batcher = Batcher(source, enc, config, tokenizer, tc.gen_ratio, tc.caption_drop, tc.batch_size, gen, device)
 
     step = 0
     if tc.resume:
-        state = torch.load(Path(ckpt) / "train_state.pt", map_location="cpu", weights_only=True)
+        state = read_train_state(os.path.join(ckpt, "train_state.pt"))
         if state["world_size"] != world:
-            raise ValueError(f"{ckpt} was written by {state['world_size']} ranks, this run has {world}")
+            raise UsageError(f"{ckpt} was written by {state['world_size']} ranks, this run has {world}")
         step = state["step"]
         set_optimizer_state_dict(raw, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         batcher.load_state_dict(state["data"][rank])
 
-    use_autocast = device.startswith("cuda") and tc.dtype != "float32"
-    ctx = torch.autocast("cuda", dtype=getattr(torch, tc.dtype)) if use_autocast else nullcontext()
+    use_autocast, ctx = device.type == "cuda" and tc.dtype != "float32", env.ctx
     say(f"unified: {raw.num_params() / 1e6:.2f}M parameters ({sum(p.numel() for p in params) / 1e6:.2f}M "
         f"trained), {world} rank(s) on {device}{' autocast ' + tc.dtype if use_autocast else ''}, "
         f"batch {tc.batch_size}×{tc.grad_accum}×{world}, steps {step}→{tc.max_steps}")
@@ -1508,7 +1475,7 @@ def _train(tc, model_kw, rank, world, device):
     bar = tqdm(total=tc.max_steps, initial=step, disable=not master, dynamic_ncols=True)
     first = step + 1
     while step < tc.max_steps:
-        lr = lr_at(step, tc)
+        lr = lr_at(tc, step)
         for g in opt.param_groups:
             g["lr"] = lr
         for micro in range(tc.grad_accum):
@@ -1549,17 +1516,18 @@ def _train(tc, model_kw, rank, world, device):
                    if hasattr(source, "stats") else ""))
             acc, t0 = torch.zeros_like(acc), time.time()
         if step % tc.ckpt_every == 0 or step == tc.max_steps:
-            path = save_checkpoint(tc.out_dir, raw, opt, tokenizer, batcher, tc, step, world, tc.fsdp)
+            path = save_checkpoint(tc.out_dir, raw, opt, tokenizer, batcher, tc, step, env)
             say(f"saved {path}")
     bar.close()
     return raw
 
 
-def save_checkpoint(out_dir, raw, opt, tokenizer, batcher, tc, step, world, fsdp):
+def save_checkpoint(out_dir, raw, opt, tokenizer, batcher, tc, step, env):
     """out_dir/step-NNNNNN/, written atomically (tokenizer.write_checkpoint): a save_pretrained
     directory (what sample.py needs) + train_state.pt (step, optimizer, every rank's data RNG /
     cursor) + train_config.json -> its path. Collective under torch.distributed."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    world, fsdp = env.world, tc.fsdp
     model_sd = get_model_state_dict(raw, options=options) if fsdp else None  # gathered on rank 0
     optim_sd = get_optimizer_state_dict(raw, opt, options=options)
     data = [batcher.state_dict()]
@@ -1567,7 +1535,9 @@ def save_checkpoint(out_dir, raw, opt, tokenizer, batcher, tc, step, world, fsdp
         data = [None] * world
         dist.all_gather_object(data, batcher.state_dict())
     path = Path(out_dir) / f"step-{step:06d}"
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if world > 1 and not fsdp:  # DDP keeps every rank's copy equal, bit for bit (FSDP holds shards)
+        check_ranks_in_sync(env, synced_tensors(raw))
+    if env.master:
         state = {"step": step, "optimizer": optim_sd, "data": data, "world_size": world}
         write_checkpoint(out_dir, step, [
             ("model", lambda d: raw.save_pretrained(d, tokenizer, state_dict=model_sd)),
@@ -1589,9 +1559,8 @@ def extract_codes(tc):
     device = "cuda" if (torch.cuda.is_available() if tc.device == "auto" else tc.device.startswith("cuda")) else "cpu"
     tokenizer = _load_tokenizer(tc, device)
     if not tc.codes:
-        raise ValueError("--codes DIR: where to write the shards")
-    out = Path(tc.codes)
-    out.mkdir(parents=True, exist_ok=True)
+        raise UsageError("--codes DIR: where to write the shards")
+    out = Path(writable_dir("--codes", tc.codes))
     if tc.data == "shapes":
         ds = ShapesDataset(tc.n_images)
         items = ({"image": s["image"], "caption": s["caption"],
@@ -1634,9 +1603,12 @@ def extract_codes(tc):
 
 def _require_checkpoint(path, command):
     # a user's wrong directory is one line naming what is missing, not a traceback from deep in loading
+    model_dir(command, path)
     for f in ("config.json", "model.safetensors", "tokenizer/config.json"):
         if not (Path(path) / f).is_file():
-            sys.exit(f"unified.py {command}: {path} has no {f} (not a checkpoint written by unified.py)")
+            raise UsageError(f"{command} {path}: no {f} (not a checkpoint written by unified.py)")
+    with reading(f"{command} {path}"):
+        return load_pretrained(path)
 
 
 def export(argv):
@@ -1644,20 +1616,18 @@ def export(argv):
     copy a checkpoint directory (a training run's out_dir) to what sample.py loads — model, tokenizer,
     text tokenizer; no optimizer state — with floating tensors stored in --dtype, and optionally new
     text → image sampling defaults in its config. The shipped demo checkpoint is made this way."""
-    p = argparse.ArgumentParser(prog="unified.py export", description=export.__doc__)
+    p = _Parser(prog="unified.py export", description=export.__doc__)
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--sample_cfg", type=float, help="sample.py's default guidance scale (≥ 0)")
     p.add_argument("--sample_temperature", type=float, help="sample.py's default temperature (≥ 0)")
     a = p.parse_args(argv)
-    _require_checkpoint(a.src, "export")
-    model, _, tokenizer = load_pretrained(a.src)
+    model, _, tokenizer = _require_checkpoint(a.src, "export")
     sampling = {k: getattr(a, k) for k in ("sample_cfg", "sample_temperature") if getattr(a, k) is not None}
-    try:  # replace() re-runs UnifiedConfig's checks
+    with reading("export"):  # replace() re-runs UnifiedConfig's checks (≥ 0, finite)
         model.config = replace(model.config, **sampling)
-    except ValueError as e:
-        sys.exit(f"unified.py export: {e}")
+    writable_dir("export DST", a.dst)
     model.save_pretrained(a.dst, tokenizer=tokenizer, dtype=getattr(torch, a.dtype))
     size = sum(f.stat().st_size for f in Path(a.dst).rglob("*") if f.is_file())
     print(f"wrote {a.dst} ({size / 2**20:.1f} MiB, {a.dtype})")
@@ -1690,12 +1660,13 @@ def input_norms(model, enc, tokenizer, n_images=64, seed=0):
 
 def norms(argv):
     """python unified.py norms CKPT [--n_images N]: print input_norms of a checkpoint directory."""
-    p = argparse.ArgumentParser(prog="unified.py norms", description=norms.__doc__)
+    p = _Parser(prog="unified.py norms", description=norms.__doc__)
     p.add_argument("ckpt")
     p.add_argument("--n_images", type=int, default=64)
     a = p.parse_args(argv)
-    _require_checkpoint(a.ckpt, "norms")
-    model, enc, tokenizer = load_pretrained(a.ckpt)
+    if a.n_images < 1:
+        raise UsageError(f"norms --n_images must be at least 1, got {a.n_images}")
+    model, enc, tokenizer = _require_checkpoint(a.ckpt, "norms")
     r = input_norms(model, enc, tokenizer, a.n_images)
     print(f"mean L2 norm of the LLM inputs over {a.n_images} held-out shapes samples: "
           + "  ".join(f"{k} {v:.2f}" for k, v in r.items()))
@@ -1714,15 +1685,12 @@ def main(argv):
     tc = resolve_train_config(given)
     if command == "extract-codes":
         if model_kw:
-            raise ValueError(f"extract-codes takes no model flags ({sorted(model_kw)})")
+            raise UsageError(f"extract-codes takes no model flags ({sorted(model_kw)})")
         extract_codes(tc)
     else:
+        writable_dir("--out_dir", tc.out_dir)  # before any work that could not be saved
         train(tc, model_kw)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (UsageError, NoSamples) as e:  # a refused checkpoint or unreadable data: one line, no traceback
-        print(f"unified.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main("unified.py", main)

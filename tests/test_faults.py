@@ -1,7 +1,9 @@
-"""Fault injection (issue 22, items 2 and 3): kill -9 during checkpoint writes of both stages, then
---resume, bit-identical to an uninterrupted run; mixed and half-written checkpoints refused in one
-line; data that holds no readable sample exits non-zero in seconds; fewer shards than readers; a
-shard set with every kind of bad member trains to the end with each counted. CPU, tiny configs.
+"""Fault injection (issue 22): kill -9 during checkpoint writes of both stages, then --resume,
+bit-identical to an uninterrupted run; mixed and half-written checkpoints refused in one line; data
+that holds no readable sample exits non-zero in seconds; fewer shards than readers; a shard set with
+every kind of bad member trains to the end with each counted; the rank digest sees exact bits;
+malformed LLaVA entries, escaping paths, shard names and configs from files refused or skipped before
+any allocation; every command line answers a user's mistake in one line. CPU, tiny configs.
 
 The kills are real SIGKILLs inside the checkpoint writer, at points chosen with the test-only
 environment variable DUALTOKEN_TEST_KILL (tokenizer._test_kill)."""
@@ -30,7 +32,7 @@ import data as D
 import tokenizer as T
 import unified as U
 from test_tokenizer_train import TINY_SIGLIP, teacher_dir  # noqa: F401 (a fixture)
-from test_unified_model import TINY_MODEL_KW, tiny_tokenizer, train_config
+from test_unified_model import TINY_MODEL_KW, tiny_config, tiny_tokenizer, train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tests/test_tokenizer_train.py's tiny stage 1, 4 steps with a checkpoint every 2
@@ -101,7 +103,7 @@ def test_teacher_killed_while_writing_a_checkpoint_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-UNIFIED_KW = dict(max_steps=4, ckpt_every=2, lr_decay_steps=4, warmup_steps=2, batch_size=3)
+UNIFIED_KW = dict(max_steps=4, ckpt_every=2, decay_steps=4, warmup=2, batch_size=3)
 UNIFIED_RUN = """
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
@@ -257,7 +259,7 @@ def test_unified_data_without_a_readable_sample_exits_in_seconds(kind, tmp_path)
     spec = _bad_data(tmp_path / "data", kind)
     tok = _tokenizer_dir(tmp_path)
     t = time.time()
-    p = cli("unified.py", ["--model", "shapes", "--tokenizer", tok, "--data", spec, "--num_workers", "2",
+    p = cli("unified.py", ["--model", "shapes", "--tokenizer", tok, "--data", spec, "--workers", "2",
                            "--max_steps", "2", "--batch_size", "2", "--out_dir", str(tmp_path / "out")], timeout=60)
     assert time.time() - t < 60
     one_line_error(p, "unified.py", f"{spec}: no readable sample")
@@ -295,7 +297,7 @@ def test_one_shard_and_four_workers_trains_in_both_stages(teacher_dir, tmp_path,
     _good_shard(tmp_path / "one.tar", 12)
     T.main(TOK + ["--siglip", teacher_dir, "--out_dir", str(tmp_path / "tok"), "--data", str(tmp_path / "one.tar"),
                   "--workers", "4", "--max_steps", "2"])
-    tc = train_config(tmp_path / "uni", _tokenizer_dir(tmp_path), data=str(tmp_path / "one.tar"), num_workers=4,
+    tc = train_config(tmp_path / "uni", _tokenizer_dir(tmp_path), data=str(tmp_path / "one.tar"), workers=4,
                       max_steps=2, log_every=1)
     U.train(tc, dict(TINY_MODEL_KW))
     cap = capfd.readouterr()
@@ -384,3 +386,306 @@ def test_a_shard_set_with_every_kind_of_bad_member_trains_to_the_end(teacher_dir
     for k, n in expected.items():   # every kind seen and counted (≥ one pass over the set)
         assert counts.get(k, 0) >= n, (k, counts)
     assert T.resume_dir(str(tmp_path / "out")).endswith("step-000003")
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP in-sync check: exact bits
+
+def test_rank_digest_compares_exact_bits():
+    a = torch.randn(1000)
+    swapped = a.clone()
+    swapped[[3, 7]] = a[[7, 3]]               # the same sum and sum of squares, other bytes
+    ulp = a.clone()
+    ulp[500] = torch.nextafter(a[500], torch.tensor(float("inf")))  # one element, one ulp
+    bf16 = a.bfloat16()
+    d = T.tensor_digest([a, swapped, ulp, a.clone(), bf16, a.reshape(10, 100)])
+    assert d.dtype == torch.int64 and d.shape == (6,)
+    assert d[0] == d[3]                         # equal bits, equal digests
+    assert d[0] != d[1] and d[0] != d[2]        # a sum-based fingerprint misses the swap
+    assert d[0] != d[5]                         # the same bytes in another shape
+    assert T.tensor_digest([bf16])[0] == d[4] and T.tensor_digest([bf16.clone()])[0] == d[4]
+    # the check counts what it compares; one process has nobody to disagree with
+    env = T.Env(0, 1, torch.device("cpu"), False, None)
+    assert T.check_ranks_in_sync(env, [a, swapped]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# untrusted files: LLaVA json entries, shard names, a checkpoint's paths, configs
+
+def test_llava_malformed_entries_and_escaping_paths_are_skipped_and_counted(tmp_path):
+    root, outside = tmp_path / "img", tmp_path / "secret"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    for p in (root / "x.png", root / "sub" / "y.png", outside / "z.png"):
+        Image.new("RGB", (6, 6), (0, 255, 0)).save(p)
+    good = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Green."}]
+    oks = [
+        {"id": "ok1", "image": "x.png", "conversations": good},
+        {"id": "ok2", "image": "sub/../sub/y.png", "conversations": good},  # ".." that stays inside
+        {"id": "ok3", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
+    bad = [
+        "not an object", None, 7,                                                 # bad_conversation × 3
+        {"id": "nokey", "image": "x.png"},                                        # bad_conversation
+        {"id": "notlist", "image": "x.png", "conversations": "hi"},              # bad_conversation
+        {"id": "empty", "image": "x.png", "conversations": []},                  # bad_conversation
+        {"id": "novalue", "image": "x.png", "conversations": [{"from": "human"}]},           # bad_conversation
+        {"id": "intvalue", "conversations": [{"from": "human", "value": 3}]},                # bad_conversation
+        {"id": "role", "image": "x.png", "conversations": [{"from": "robot", "value": "<image>"}]},  # bad_conversation
+        {"id": "listrole", "conversations": [{"from": ["human"], "value": "hi"}]},           # bad_conversation
+        {"id": "imgtype", "image": 5, "conversations": good},                    # bad_conversation
+        {"id": "imglist", "image": ["x.png", 3], "conversations": good},         # bad_conversation
+        {"id": "missing", "image": "nope.png", "conversations": good},           # bad_image (no such file)
+        {"id": "abs", "image": str(outside / "z.png"), "conversations": good},   # bad_path
+        {"id": "dotdot", "image": "../secret/z.png", "conversations": good},     # bad_path
+        {"id": "deep", "image": "sub/../../secret/z.png", "conversations": good},  # bad_path
+    ]
+    # each bad entry followed by a good one, which serves its index: one skip counted per bad entry
+    entries = [e for i, b in enumerate(bad) for e in (b, oks[i % 3])]
+    (tmp_path / "llava.json").write_text(json.dumps(entries))
+    ds = D.LlavaDataset(tmp_path / "llava.json", root, size=4)
+    got = [b["id"] for batch in torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=list) for b in batch]
+    # a whole epoch: every bad entry replaced by the next good one, nothing raised
+    assert len(got) == len(entries) and set(got) == {"ok1", "ok2", "ok3"}
+    assert ds.stats["samples"] == len(entries)
+    assert {k: v for k, v in ds.stats.items() if v and k != "samples"} == \
+        dict(bad_conversation=12, bad_image=1, bad_path=3)
+    # jsonl: a line that is not JSON is one bad entry
+    (tmp_path / "llava.jsonl").write_text(json.dumps(oks[0]) + "\n{broken\n")
+    ds = D.LlavaDataset(tmp_path / "llava.jsonl", root, size=4)
+    assert [ds[i]["id"] for i in range(2)] == ["ok1", "ok1"] and ds.stats["bad_conversation"] == 1
+    # nothing readable at all: NoSamples in one line, not an endless loop or a bare RuntimeError
+    (tmp_path / "bad.json").write_text(json.dumps(bad[:5]))
+    with pytest.raises(D.NoSamples, match="no readable sample in 5 items"):
+        D.LlavaDataset(tmp_path / "bad.json", root, size=4)[0]
+    (tmp_path / "obj.json").write_text(json.dumps({"id": 1}))
+    with pytest.raises(ValueError, match="expected a JSON list"):
+        D.LlavaDataset(tmp_path / "obj.json", root, size=4)
+
+
+def _one_line_value_error(fn, message):
+    with pytest.raises(ValueError) as e:
+        fn()
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_shard_names_and_text_tokenizer_paths_are_confined_to_the_checkpoint(tmp_path):
+    src = tmp_path / "qwen"
+    U.Qwen2(U.Qwen2Config(**{**U.PRESETS["shapes"], "n_layer": 1, "dim": 32, "intermediate_size": 64,
+                             "n_head": 2, "n_kv_head": 1})).save_pretrained(src)
+    (tmp_path / "outside.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    keys = list(load_file(src / "model.safetensors"))
+    os.rename(src / "model.safetensors", src / "part-1.safetensors")
+    for name in ("../outside.safetensors", str(tmp_path / "outside.safetensors"), ""):
+        (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: name for k in keys}}))
+        for load in (lambda: U.Qwen2.from_pretrained(src), lambda: U.load_safetensors(src)):
+            _one_line_value_error(load, f"{name!r} is not a file name inside {src}")
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "part-1.safetensors" for k in keys}}))
+    assert U.Qwen2.from_pretrained(src).config.dim == 32  # a proper index loads
+    # a truncated shard: one line from its header, before anything is allocated
+    data = (src / "part-1.safetensors").read_bytes()
+    (src / "part-1.safetensors").write_bytes(data[:len(data) // 2])
+    _one_line_value_error(lambda: U.Qwen2.from_pretrained(src), "not a readable safetensors file")
+
+    # a unified checkpoint's text_tokenizer names a directory inside it, never one elsewhere
+    tok = tiny_tokenizer()
+    model = U.UnifiedModel.from_tokenizer(tiny_config(), tok)
+    ckpt = tmp_path / "unified"
+    model.save_pretrained(ckpt, tok)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    for bad in ("../qwen", "/etc", "text_tokenizer/../../qwen"):
+        (ckpt / "config.json").write_text(json.dumps({**cfg, "text_tokenizer": bad}))
+        _one_line_value_error(lambda: U.UnifiedModel.from_pretrained(ckpt), f"{bad!r} is not a file name inside")
+
+
+def test_configs_are_checked_before_any_allocation(tmp_path):
+    tok = tiny_tokenizer()
+    tok.save_pretrained(str(tmp_path / "tok"))
+    cfg = json.loads((tmp_path / "tok" / "config.json").read_text())
+
+    def tokenizer_with(name, **siglip):
+        d = tmp_path / name
+        shutil.copytree(tmp_path / "tok", d)
+        (d / "config.json").write_text(json.dumps({**cfg, "siglip": {**cfg["siglip"], **siglip}}))
+        return str(d)
+
+    # a config far too large for the file: refused from the headers in a moment, nothing allocated
+    # (the old loader gave the model storage first: 2^22-wide layers are terabytes)
+    t = time.time()
+    _one_line_value_error(lambda: T.DualTokenizer.from_pretrained(tokenizer_with("huge", width=2**22, mlp=2**22)),
+                          "huge: 2 missing keys ['post_quant.skip.bias', 'post_quant.skip.weight']")
+    assert time.time() - t < 10
+    _one_line_value_error(lambda: T.DualTokenizer.from_pretrained(tokenizer_with("str", width="64")),
+                          "siglip: width = '64' is not of type int")
+    _one_line_value_error(lambda: T.DualTokenizer.from_pretrained(tokenizer_with("nan", layer_norm_eps=float("nan"))),
+                          "layer_norm_eps = nan is not of type float")
+    _one_line_value_error(lambda: T.DualTokenizer.from_pretrained(tokenizer_with("unknown", colour=1)),
+                          "unknown key(s) ['colour']")
+    _one_line_value_error(lambda: T.DualTokenizer.from_pretrained(tokenizer_with("negative", heads=-2)),
+                          "negative/config.json: siglip: heads = -2 is negative")
+    # HF configs the same way: a Qwen2 config.json with a wrongly typed or missing value
+    src = tmp_path / "qwen"
+    U.Qwen2(U.Qwen2Config(**{**U.PRESETS["shapes"], "n_layer": 1})).save_pretrained(src)
+    hf = json.loads((src / "config.json").read_text())
+    for change, message in ((dict(hidden_size=2**22, intermediate_size=2**22), "shape mismatch"),
+                            (dict(num_hidden_layers="4"), "n_layer = '4' is not of type int"),
+                            (dict(hidden_size=None), "dim = None is not of type int")):
+        (src / "config.json").write_text(json.dumps({**hf, **change}))
+        _one_line_value_error(lambda: U.Qwen2.from_pretrained(src), message)
+    del hf["vocab_size"]
+    (src / "config.json").write_text(json.dumps(hf))
+    _one_line_value_error(lambda: U.Qwen2.from_pretrained(src), "config.json: no 'vocab_size'")
+    # stage 2 from flags: a model that cannot fit in memory is refused before it is built
+    with pytest.raises(ValueError, match=r"the model's weights alone need \d+\.\d GiB"):
+        U.train(train_config(tmp_path / "run", str(tmp_path / "tok")), dict(TINY_MODEL_KW, depth_dim=2**20, depth_heads=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# every command line: a user's mistake is one line on stderr and a non-zero exit, never a traceback
+
+# Runs one script's cases in one process (torch imported once), each as `python SCRIPT ARGV...`
+# would: its __main__ block, with stderr captured; an exception that escapes is printed as the
+# interpreter prints it, so a traceback shows up in the captured stderr.
+CASES_RUNNER = """
+import io, json, runpy, sys, traceback
+script, cases, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+results = []
+for argv in cases:
+    sys.argv, real = [script, *argv], sys.stderr
+    sys.stderr = io.StringIO()
+    try:
+        runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) or e.code is None else (print(e.code, file=sys.stderr) or 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    results.append([code, sys.stderr.getvalue()])
+    sys.stderr = real
+json.dump(results, open(out, "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def user_dirs(teacher_dir, tmp_path_factory):
+    """Good and broken model directories of every kind the command lines read."""
+    root = tmp_path_factory.mktemp("user")
+    tok = tiny_tokenizer()
+    tok.save_pretrained(str(root / "tok"))
+    U.UnifiedModel.from_tokenizer(tiny_config(), tok).save_pretrained(root / "ckpt", tokenizer=tok)
+
+    def broken(src, name, damage):
+        shutil.copytree(src, root / name)
+        damage(root / name)
+        return str(root / name)
+
+    def truncate(d):
+        data = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(data[:len(data) // 3])
+
+    def edit(change):
+        def damage(d):
+            cfg = json.loads((d / "config.json").read_text())
+            change(cfg)
+            (d / "config.json").write_text(json.dumps(cfg))
+        return damage
+
+    (root / "a-file").write_text("not a directory")
+    (root / "garbage.pth").write_bytes(b"\x80\x04 not a pickle")
+    return dict(
+        root=str(root), siglip=teacher_dir, tok=str(root / "tok"), ckpt=str(root / "ckpt"),
+        unwritable=str(root / "a-file" / "out"),  # under a file: not writable, even by root
+        siglip_truncated=broken(teacher_dir, "siglip_truncated", truncate),
+        siglip_str=broken(teacher_dir, "siglip_str", edit(lambda c: c["vision_config"].update(num_hidden_layers="3"))),
+        tok_truncated=broken(root / "tok", "tok_truncated", truncate),
+        tok_unknown=broken(root / "tok", "tok_unknown", edit(lambda c: c.update(colour=1))),
+        ckpt_truncated=broken(root / "ckpt", "ckpt_truncated", truncate),
+        ckpt_str=broken(root / "ckpt", "ckpt_str", edit(lambda c: c["llm"].update(dim="256"))),
+        lpips_truncated=str(root / "garbage.pth"))
+
+
+def user_error_cases(d, tmp):
+    """script -> [(argv, what the one line must say)]: per user-error class, each CLI that has it."""
+    tok_run = TOK + ["--siglip", d["siglip"], "--out_dir", f"{tmp}/tok-out"]
+    uni = ["--model", "shapes", "--tokenizer", d["tok"], "--max_steps", "2", "--batch_size", "2", "--out_dir", f"{tmp}/uni"]
+    smp = ["--prompt", "a red circle", "--ckpt", d["ckpt"], "--device", "cpu", "--out", f"{tmp}/samples"]
+    return {
+        "tokenizer.py": [
+            # missing, truncated, mistyped or the wrong kind of model directory; a hub id
+            (TOK + ["--siglip", d["siglip_truncated"], "--out_dir", f"{tmp}/t1"], "not a readable safetensors file"),
+            (TOK + ["--siglip", d["siglip_str"], "--out_dir", f"{tmp}/t2"], "layers = '3' is not of type int"),
+            (TOK + ["--siglip", d["tok"], "--out_dir", f"{tmp}/t3"], "not a SigLIP config.json"),
+            (TOK + ["--siglip", "google/siglip-so400m-patch14-384", "--out_dir", f"{tmp}/t4"], "hub id"),
+            (TOK + ["--siglip", d["siglip"], "--out_dir", d["tok_unknown"], "--eval"], "unknown key(s) ['colour']"),
+            (tok_run + ["--lpips", d["lpips_truncated"]], f"--lpips {d['lpips_truncated']}: "),
+            # an output directory that cannot be written, checked before training
+            (TOK + ["--siglip", d["siglip"], "--out_dir", d["unwritable"]], "not a writable directory"),
+            # nonsense values, abbreviated flags
+            (tok_run + ["--max_steps", "-1"], "--max_steps must be at least 1"),
+            (tok_run + ["--batch_size", "0"], "--batch_size must be at least 1"),
+            (tok_run + ["--grad_accum", "0"], "--grad_accum must be at least 1"),
+            (tok_run + ["--ckpt_every", "0"], "--ckpt_every must be at least 1"),
+            (tok_run + ["--lr", "nan"], "--lr nan: must be a finite number"),
+            (tok_run + ["--device", "tpu"], "--device 'tpu'"),
+            (tok_run + ["--max_step", "4"], "unrecognized arguments: --max_step"),
+        ],
+        "unified.py": [
+            (uni[:3] + [d["tok_truncated"]] + uni[4:], "not a readable safetensors file"),
+            (uni[:3] + [d["tok_unknown"]] + uni[4:], "unknown key(s) ['colour']"),
+            (uni[:3] + [d["siglip"]] + uni[4:], "is not a dualtoken-tokenizer/1 checkpoint"),
+            (uni[:3] + ["someone/dualtoken-tokenizer"] + uni[4:], "hub id"),
+            (uni + ["--llm", "Qwen/Qwen2.5-3B"], "hub id"),
+            (uni + ["--llm", d["tok"]], f"--llm {d['tok']}: "),
+            (uni[:-1] + [d["unwritable"]], "not a writable directory"),
+            (uni + ["--max_steps", "0"], "--max_steps must be at least 1"),
+            (uni + ["--batch_size", "-2"], "--batch_size must be at least 1"),
+            (uni + ["--grad_accum", "0"], "--grad_accum must be at least 1"),
+            (uni + ["--ckpt_every", "0"], "--ckpt_every must be at least 1"),
+            (uni + ["--lr", "inf"], "--lr inf: must be a finite number"),
+            (uni + ["--device", "tpu"], "--device 'tpu'"),
+            (uni + ["--visual_input", "both"], "visual_input='both'"),
+            (uni + ["--max_step", "2"], "unrecognized arguments: --max_step"),
+            (["--resume", d["ckpt"]], "no checkpoint (step-N/ directory)"),
+            (["extract-codes", "--tokenizer", d["tok"], "--codes", d["unwritable"]], "not a writable directory"),
+            (["export", d["ckpt_truncated"], f"{tmp}/exported"], "not a readable safetensors file"),
+            (["export", d["tok"], f"{tmp}/exported"], "no tokenizer/config.json"),
+            (["export", d["ckpt"], d["unwritable"]], "not a writable directory"),
+            (["export", d["ckpt"], f"{tmp}/exported", "--sample_cfg", "nan"], "sample_cfg"),
+            (["export", d["ckpt"], f"{tmp}/exported", "--dt", "float32"], "unrecognized arguments: --dt"),
+            (["norms", d["ckpt_str"]], "dim = '256' is not of type int"),
+            (["norms", "someone/unified"], "hub id"),
+        ],
+        "sample.py": [
+            (smp[:3] + [d["ckpt_truncated"]] + smp[4:], "not a readable safetensors file"),
+            (smp[:3] + [d["ckpt_str"]] + smp[4:], "dim = '256' is not of type int"),
+            (smp[:3] + [d["tok"]] + smp[4:], "not a dualtoken-unified/1 checkpoint"),
+            (smp[:3] + ["someone/dualtoken-3b"] + smp[4:], "hub id"),
+            (smp[:-1] + [d["unwritable"]], "not a writable directory"),
+            (smp + ["--cfg", "nan"], "--cfg nan: must be a finite number"),
+            (smp + ["--temperature", "inf"], "--temperature inf: must be a finite number"),
+            (smp + ["--num_samples", "0"], "--num_samples must be at least 1"),
+            (smp[:4] + ["--device", "tpu"], "--device 'tpu'"),
+            (smp + ["--promp", "x"], "unrecognized arguments: --promp"),
+        ],
+        "losses.py": [
+            (["convert-lpips", "--vgg", f"{tmp}/none.pth", "--lin", f"{tmp}/none.pth"], "No such file"),
+            (["convert-lpips", "--vgg", d["lpips_truncated"], "--lin", d["lpips_truncated"]], "not a weights file torch.load(weights_only=True) reads"),
+            (["convert-lpips", "--vg", "a", "--lin", "b"], "error: "),
+        ],
+    }
+
+
+@pytest.mark.parametrize("script", ["tokenizer.py", "unified.py", "sample.py", "losses.py"])
+def test_user_mistakes_are_one_line_and_a_nonzero_exit(script, user_dirs, tmp_path):
+    cases = user_error_cases(user_dirs, str(tmp_path))[script]
+    out = tmp_path / "results.json"
+    p = subprocess.run([sys.executable, "-c", CASES_RUNNER, script, json.dumps([a for a, _ in cases]), str(out)],
+                       cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    bad = []
+    for (argv, message), (code, err) in zip(cases, json.loads(out.read_text())):
+        lines = [l for l in err.splitlines() if l.strip()]
+        if not (code not in (0, None) and len(lines) == 1 and "Traceback" not in err and message in lines[0]
+                and lines[0].startswith(f"{script}: error: ")):
+            bad.append(f"{script} {' '.join(argv[-4:])} -> exit {code}: {err[-600:]}")
+    assert not bad, "\n".join(bad)

@@ -175,7 +175,7 @@ def test_export_stores_bfloat16_and_loads_back_as_fp32(ckpt, tmp_path):
             assert torch.equal(theirs[k], expect), k
     r = subprocess.run([sys.executable, os.path.join(ROOT, "unified.py"), "export", str(tmp_path / "nope"),
                         str(tmp_path / "y")], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode != 0 and "no config.json" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "nope: no such directory" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_image_to_text(ckpt, tmp_path):
@@ -187,7 +187,7 @@ def test_cli_image_to_text(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--ckpt", "/nonexistent/ckpt", "--prompt", "x"], "no checkpoint directory"),
+    (["--ckpt", "/nonexistent/ckpt", "--prompt", "x"], "--ckpt /nonexistent/ckpt: no such directory"),
     (["--prompt", "x", "--image", "IMG", "--cfg", "2"], "--cfg applies to text → image"),
     (["--prompt", "x", "--max_new_tokens", "3"], "--max_new_tokens applies to --image"),
     (["--prompt", "x", "--cfg", "-2"], "--cfg must be ≥ 0"),
@@ -206,7 +206,7 @@ def test_cli_errors_are_one_line(ckpt, tmp_path, args, message):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    assert len(lines) == 1 and lines[0].startswith("sample.py: error:") and message in lines[0], r.stderr
 
 
 def test_eval_prompts_cover_their_split():

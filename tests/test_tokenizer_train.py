@@ -130,7 +130,7 @@ def test_ablation_switches_mirror_table3():
 
 def test_cli_errors_are_one_line(tmp_path):
     # one error from the checks on inputs, one from the flag parser (the rest: test_flag_errors)
-    for argv, message in ((["--preset", "shapes", "--siglip", str(tmp_path / "none")], "not a SigLIP directory"),
+    for argv, message in ((["--preset", "shapes", "--siglip", str(tmp_path / "none")], "none: no such directory (make it first"),
                           (["--preset", "shapes", "--bogus", "1"], "unrecognized arguments: --bogus")):
         p = subprocess.run([sys.executable, "tokenizer.py", *argv], cwd=ROOT, capture_output=True, text=True)
         assert p.returncode == 2 and p.stdout == ""

@@ -272,7 +272,7 @@ def test_strict_load_names_key_and_both_shapes(checkpoints):
     assert "model.layers.1.self_attn.k_proj.weight" in msg and "(32, 48)" in msg and "(32, 64)" in msg
 
     missing = {k: v for k, v in sd.items() if k != "model.layers.0.mlp.up_proj.weight"}
-    with pytest.raises(ValueError, match=r"1 missing \['model.layers.0.mlp.up_proj.weight'\]"):
+    with pytest.raises(ValueError, match=r"1 missing keys \['model.layers.0.mlp.up_proj.weight'\]"):
         ours.load_hf_state_dict(missing)
     with pytest.raises(ValueError, match="unexpected.*rotary_emb.inv_freq"):
         ours.load_hf_state_dict(dict(sd, **{"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))

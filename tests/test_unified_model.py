@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import unified as U  # noqa: E402
+import tokenizer as T  # noqa: E402
 from data import ShapesDataset, encode_chat, load_text_tokenizer  # noqa: E402
 from tokenizer import TOKENIZER_PRESETS, DualTokenizer, SigLIPConfig, TokenizerConfig  # noqa: E402
 
@@ -432,8 +433,8 @@ def test_hf_text_tokenizer_files_are_copied_into_the_checkpoint(tmp_path):
 
 def train_config(out_dir, tokenizer_dir, **kw):
     return U.TrainConfig(**{**dict(model="shapes", tokenizer=tokenizer_dir, data="shapes", n_images=200,
-                                   batch_size=4, max_steps=30, lr=3e-3, min_lr=3e-4, warmup_steps=3,
-                                   num_workers=0, out_dir=str(out_dir), log_every=10, ckpt_every=1000), **kw})
+                                   batch_size=4, max_steps=30, lr=3e-3, min_lr=3e-4, warmup=3,
+                                   workers=0, out_dir=str(out_dir), log_every=10, ckpt_every=1000), **kw})
 
 
 def eval_losses(model, tok, seed=123):
@@ -459,7 +460,7 @@ def test_a_short_run_lowers_text_pixel_and_semantic_losses(tmp_path, tokenizer_d
 
 
 def test_resume_reproduces_the_straight_run_exactly(tmp_path, tokenizer_dir):
-    kw = dict(max_steps=6, lr_decay_steps=6, warmup_steps=2, batch_size=3)
+    kw = dict(max_steps=6, decay_steps=6, warmup=2, batch_size=3)
     straight = U.train(train_config(tmp_path / "a", tokenizer_dir, **kw), dict(TINY_MODEL_KW))
     U.train(train_config(tmp_path / "b", tokenizer_dir, **{**kw, "max_steps": 3}), dict(TINY_MODEL_KW))
     resumed = U.train(train_config(tmp_path / "b", tokenizer_dir, **kw, resume=str(tmp_path / "b" / "step-000003")))
@@ -601,15 +602,23 @@ def test_extract_codes_then_train_from_shards_and_refuse_bad_shards(tmp_path, to
 # command line
 
 def test_flags_are_typed_from_the_dataclasses_and_unknown_ones_refused(tmp_path):
-    given, model_kw = U.parse_args(["--preset", "shapes", "--lr", "0.01", "--compile", "--fsdp", "false",
-                                    "--visual_input", "sem", "--depth_mlp", "none", "--sem_weight", "0.5"])
+    given, model_kw = U.parse_args(["--preset", "shapes", "--lr", "0.01", "--compile", "--fsdp", "off",
+                                    "--visual_input", "sem", "--depth_mlp", "none", "--sem_weight", "0.5",
+                                    "--betas", "0.8,0.99", "--warmup", "7", "--decay_steps", "90", "--workers", "2"])
     tc = U.resolve_train_config(given)
     assert (tc.lr, tc.compile, tc.fsdp, tc.model) == (0.01, True, False, "shapes")
+    # the names and parsers of stage 1 (tokenizer.add_flags): the same setting, the same flag
+    assert (tc.betas, tc.warmup, tc.decay_steps, tc.workers) == ((0.8, 0.99), 7, 90, 2)
+    shared = {"lr", "min_lr", "betas", "weight_decay", "warmup", "max_steps", "decay_steps", "batch_size",
+              "grad_accum", "grad_clip", "device", "dtype", "compile", "grad_checkpointing", "workers", "seed",
+              "log_every", "ckpt_every", "out_dir", "data"}
+    assert shared <= {f.name for f in U.fields(U.TrainConfig)} & {f.name for f in U.fields(T.TrainConfig)}
     assert tc.max_steps == U.TRAIN_PRESETS["shapes"]["max_steps"]
     assert tc.batch_size == U.TRAIN_PRESETS["shapes"]["batch_size"]  # preset under the flags
     assert model_kw == {"visual_input": "sem", "depth_mlp": None, "sem_weight": 0.5}
-    for bad in (["--no_such_flag", "1"], ["--max_steps", "ten"], ["--compile", "maybe"], ["--grid", "9"]):
-        with pytest.raises(SystemExit):
+    for bad in (["--no_such_flag", "1"], ["--max_steps", "ten"], ["--compile", "maybe"], ["--grid", "9"],
+                ["--max_step", "9"]):  # no prefix abbreviations
+        with pytest.raises(U.UsageError):
             U.parse_args(bad)
     assert not {f.name for f in U.fields(U.TrainConfig)} & {f.name for f in U.MODEL_FLAGS}
     # resume: the run's saved settings under the flags given now
@@ -620,15 +629,23 @@ def test_flags_are_typed_from_the_dataclasses_and_unknown_ones_refused(tmp_path)
     assert (tc.lr, tc.max_steps, tc.resume) == (0.5, 20, str(ckpt))
     with pytest.raises(ValueError, match="--preset with --resume"):
         U.resolve_train_config(U.parse_args(["--resume", str(ckpt), "--preset", "shapes"])[0])
+    # a run saved before the stages shared their names resumes with its settings under the new ones
+    old = {k: v for k, v in U.asdict(U.TrainConfig()).items() if k not in ("warmup", "decay_steps", "workers", "betas")}
+    old.update(warmup_steps=30, lr_decay_steps=2000, num_workers=0, beta1=0.8, beta2=0.9)
+    (ckpt / "train_config.json").write_text(json.dumps(old))
+    tc = U.resolve_train_config(U.parse_args(["--resume", str(ckpt)])[0])
+    assert (tc.warmup, tc.decay_steps, tc.workers, tc.betas) == (30, 2000, 0, (0.8, 0.9))
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
-    tc = U.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
-    assert U.lr_at(0, tc) == pytest.approx(1 / 11) and U.lr_at(9, tc) == pytest.approx(10 / 11)
-    assert U.lr_at(10, tc) == pytest.approx(1.0) and U.lr_at(60, tc) == pytest.approx(0.55)
-    assert U.lr_at(110, tc) == pytest.approx(0.1) and U.lr_at(500, tc) == pytest.approx(0.1)
+    # stage 2 runs stage 1's schedule (tokenizer.lr_at): one function, one warm-up formula
+    assert U.lr_at is T.lr_at
+    tc = U.TrainConfig(lr=1.0, min_lr=0.1, warmup=10, max_steps=110)
+    assert U.lr_at(tc, 0) == pytest.approx(1 / 10) and U.lr_at(tc, 9) == pytest.approx(1.0)
+    assert U.lr_at(tc, 10) == pytest.approx(1.0) and U.lr_at(tc, 60) == pytest.approx(0.55)
+    assert U.lr_at(tc, 110) == pytest.approx(0.1) and U.lr_at(tc, 500) == pytest.approx(0.1)
     # a longer planned schedule (a run cut into pieces): a quarter of the way down the cosine
-    assert U.lr_at(60, replace(tc, lr_decay_steps=210)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert U.lr_at(replace(tc, decay_steps=210), 60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
 
 
 def test_input_norms_known_answers():
