@@ -245,6 +245,9 @@ def test_reconstruction_only_trains_the_pixel_path_only(teacher_dir, tmp_path, c
 def test_eval_block_and_pngs(straight, teacher_dir, capsys):
     out = run(TINY + ["--siglip", teacher_dir, "--out_dir", straight, "--eval"], capsys)
     assert "==== eval of" in out and "LPIPS off" in out
+    # two blocks: unseen images of the training combinations, then the held-out combinations
+    out, held = out.split("on shapes, held-out combinations")
+    assert len(re.findall(r"zero-shot \w+ +tokenizer [\d.]+%   teacher [\d.]+%", held)) == len(T.SHAPES_ATTRS)
     psnr = float(re.search(r"PSNR ([\d.]+) dB", out).group(1))
     used = [float(v) for v in re.findall(r"used ([\d.]+)% of 256", out)]
     assert len(used) == 2 and all(0 < u <= 100 for u in used)
@@ -261,6 +264,13 @@ def test_eval_block_and_pngs(straight, teacher_dir, capsys):
     assert all(np.array_equal(x[i], np.asarray(D.to_pil(ds[i]["image"]))) for i in range(8))
     png_psnr = np.mean(10 * np.log10(255.0 ** 2 / ((x - y) ** 2).reshape(8, -1).mean(1)))
     assert abs(png_psnr - psnr) < 0.05  # the reported PSNR is that of the written images (up to 8-bit rounding)
+    # the strict reader's line: its verdicts on the written reconstructions against the samples' attributes
+    read = D.read_back_accuracy([D.shapes_sample(i, 1)["attrs"] for i in range(8)],
+                                [Image.open(os.path.join(ev, "recon", f)) for f in real])
+    line = re.search(r"reconstructions read right \(data.read_shapes\)   all five ([\d.]+)%(.*)", out)
+    assert float(line.group(1)) == pytest.approx(100 * read["all"], abs=0.06)
+    assert {a: float(v) for a, v in re.findall(r"(\w+) ([\d.]+)%", line.group(2))} == \
+        {a: pytest.approx(100 * read[a], abs=0.06) for a in T.SHAPES_ATTRS}
     # the grid: the first batch (4 images), originals above reconstructions
     assert Image.open(os.path.join(ev, "grid.png")).size == (4 * 64, 2 * 64)
     # the teacher's zero-shot, recomputed independently: labels from the sample attributes,
