@@ -237,11 +237,16 @@ def adaptive_gan_weight(rec_loss, g_loss, last_layer, clamp=(0.3, 10.0)):
 # Semantic loss: paper eq. (4) is ‖F − F0‖²; the official train.py adds a cosine term to the MSE.
 
 
-def semantic_loss(z, z_teacher):
+def semantic_loss(z, z_teacher, relative=False):
     # (..., D) each: MSE over all elements + mean over tokens of (1 - cos). The official code uses
     # -cos; 1 - cos has the same gradient and is 0 at the optimum. The teacher is a target, never trained.
+    # relative: the MSE divided by the target's mean square, so the loss does not depend on the teacher's
+    # activation scale (the micro teacher's layer 7 has rms ≈ 19: its raw MSE drowns every other term).
     z_teacher = z_teacher.detach()
-    return F.mse_loss(z, z_teacher) + (1.0 - F.cosine_similarity(z, z_teacher, dim=-1)).mean()
+    mse = F.mse_loss(z, z_teacher)
+    if relative:
+        mse = mse / z_teacher.float().square().mean().clamp(min=1e-12)
+    return mse + (1.0 - F.cosine_similarity(z, z_teacher, dim=-1)).mean()
 
 # -----------------------------------------------------------------------------
 # Metrics (Table 1 / Table 3 conventions): images in [0, 1], (B, C, H, W), one value per image.

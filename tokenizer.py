@@ -1001,6 +1001,7 @@ class TrainConfig:
     sem_weight: float = 1.0      # 0 = reconstruction only, Table 3(c)
     sem_layer_weight: float = 5.0
     sem_pool_weight: float = 1.0
+    sem_relative: bool = False   # S's MSE relative to the target's mean square (the shapes demo: EXPERIMENTS §11)
     commit_weight: float = 5.0
     mse_weight: float = 5.0
     lpips_weight: float = 1.0
@@ -1048,13 +1049,13 @@ TRAIN_PRESETS = {
         stage="teacher", model="shapes", data="shapes", out_dir="out/shapes-teacher", lr=1e-3, min_lr=1e-4,
         betas=(0.9, 0.95), weight_decay=1e-4, warmup=100, max_steps=4000, batch_size=32, hard_negatives=8,
         text_tokenizer="words", eval_n=512, eval_every=500, workers=0, log_every=100, ckpt_every=250),
-    # The tokenizer of the demo: lr 1e-3, 1000 steps (2000 reconstruct better, but stage 2 learns
-    # their codes worse) and no GAN (disc_start = max_steps; a PatchGAN needs far more steps than a
-    # CPU demo has, --disc_start N turns it on). EXPERIMENTS.md, §7.
+    # The tokenizer of the demo, on the shipped teacher: lr 1e-3, 2000 steps (small shapes keep their
+    # corners: EXPERIMENTS.md §7), no GAN (disc_start = max_steps; a PatchGAN needs far more steps than
+    # a CPU demo has, --disc_start N turns it on), the semantic MSE relative to the teacher's scale (§11).
     "shapes": TrainConfig(
-        model="shapes", data="shapes", siglip="out/shapes-teacher", out_dir="out/shapes-tokenizer",
-        lr=1e-3, warmup=50, max_steps=1000, disc_start=1000, batch_size=16, text_tokenizer="words",
-        eval_n=512, eval_every=500, workers=0, log_every=50, ckpt_every=500),
+        model="shapes", data="shapes", siglip="checkpoints/shapes-teacher", out_dir="out/shapes-tokenizer",
+        lr=1e-3, warmup=50, max_steps=2000, disc_start=2000, batch_size=16, text_tokenizer="words",
+        sem_relative=True, eval_n=512, eval_every=1000, workers=0, log_every=50, ckpt_every=500),
 }
 
 TRAIN_STATE_FORMAT = "dualtoken-train-state/1"  # train_state.pt, checked on --resume
@@ -1959,8 +1960,8 @@ def train_tokenizer(cfg, env):
                 recon = out.recon.float()
                 mse = F.mse_loss(recon, x)
                 lp = lpips(recon, x).mean() if lpips is not None else zero
-                sem = semantic_loss(out.sem.float(), f0.float())
-                pool = semantic_loss(out.pooled.float(), p0.float())
+                sem = semantic_loss(out.sem.float(), f0.float(), cfg.sem_relative)
+                pool = semantic_loss(out.pooled.float(), p0.float(), cfg.sem_relative)
                 # eq. (2): λ2·L_sem + λ3·(L_c1 + L_c2) + λ1·L_recon with eq. (3) for L_recon. Without a
                 # semantic objective the semantic commitment goes too, else it alone would still pull
                 # on the ViT (Table 3(c) trains the pixel path only).

@@ -319,6 +319,10 @@ def test_semantic_loss_known_answers():
     a = torch.zeros(3, 5, D); a[..., 0] = 1
     b = torch.zeros(3, 5, D); b[..., 1] = 1
     assert losses.semantic_loss(a, b).item() == pytest.approx(1.0 + 2.0 / D)
+    # relative: the MSE over the target's mean square (1 / D here) -> 2; and invariant to a common scale
+    assert losses.semantic_loss(a, b, relative=True).item() == pytest.approx(1.0 + 2.0)
+    assert losses.semantic_loss(30 * z, 30 * z.detach() + 3, relative=True).item() == \
+        pytest.approx(losses.semantic_loss(z, z.detach() + 0.1, relative=True).item(), rel=1e-5)
     # the teacher is a target: no gradient flows into it
     t = torch.randn(2, 7, 16, requires_grad=True)
     losses.semantic_loss(z, t).backward()
