@@ -1469,18 +1469,40 @@ def text_classifier(siglip, encode, prompts, device):
     return torch.stack(rows)
 
 
+@torch.no_grad()
+def caption_classifier(siglip, encode, device):
+    # The shapes world's other zero-shot reading: each image against all 972 captions of the world, the
+    # best one's attributes. -> (normalized caption embeddings (972, D), {attr: (972,) class of each row})
+    combos = [dict(zip(SHAPES_ATTRS, v)) for v in itertools.product(*SHAPES_ATTRS.values())]
+    emb = F.normalize(siglip.encode_text(encode([shapes_caption(c) for c in combos]).to(device)).float(), dim=-1)
+    return emb, {a: torch.tensor([v.index(c[a]) for c in combos], device=device) for a, v in SHAPES_ATTRS.items()}
+
+
 def zero_shot_tasks(cfg, siglip, encode, dataset, device):
-    """-> {task: (classifier (classes, D), labels(batch) -> (B,) long)}. On shapes: every attribute
-    (shape, color, size, where, background); on a class-folder set: its classes with cfg.prompt. SigLIP's logits are an increasing function of
-    the cosine (scale > 0), so top-1 over cosines is top-1 over logits."""
+    """-> {task: (classifier (classes, D), labels(batch) -> (B,) long, by_caption)}. On shapes: every
+    attribute (shape, color, size, where, background), by_caption = (caption embeddings (972, D), class
+    of each caption (972,)); on a class-folder set: its classes with cfg.prompt, by_caption None.
+    SigLIP's logits are an increasing function of the cosine (scale > 0): top-1 over cosines is top-1
+    over logits."""
     if isinstance(dataset, ShapesDataset):
         def labels(attr):
             return lambda b: torch.tensor([SHAPES_ATTRS[attr].index(parse_shapes_caption(c)[attr])
                                            for c in b["caption"]])
-        return {a: (text_classifier(siglip, encode, shapes_prompts(a), device), labels(a)) for a in SHAPES_ATTRS}
+        emb, classes = caption_classifier(siglip, encode, device)
+        return {a: (text_classifier(siglip, encode, shapes_prompts(a), device), labels(a), (emb, classes[a]))
+                for a in SHAPES_ATTRS}
     names = dataset.dataset.class_names if isinstance(dataset, torch.utils.data.Subset) else dataset.class_names
     prompts = [[cfg.prompt.format(n)] for n in names]
-    return {"top-1": (text_classifier(siglip, encode, prompts, device), lambda b: b["label"])}
+    return {"top-1": (text_classifier(siglip, encode, prompts, device), lambda b: b["label"], None)}
+
+
+def zero_shot_predict(emb, classifier, by_caption=None):
+    # image embeddings (B, D) -> (B,) class by the prompt ensemble, or (by_caption) the best caption's class
+    emb = F.normalize(emb.float(), dim=-1)
+    if by_caption is None:
+        return (emb @ classifier.t()).argmax(-1)
+    captions, classes = by_caption
+    return classes[(emb @ captions.t()).argmax(-1)]
 
 
 def eval_dataset(cfg, size, resample):
@@ -1509,7 +1531,8 @@ def evaluate(model, teacher, dataset, tasks, env, cfg, lpips=None, png_dir=None,
     loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, num_workers=min(cfg.workers, 4),
                                          generator=torch.Generator())  # leaves the training RNG alone
     sums = {k: 0.0 for k in ("psnr", "ssim", "lpips", "cos_layer", "cos_pool")}
-    correct = {f"{t}/{who}": 0 for t in tasks for who in ("tokenizer", "teacher")}
+    correct = {f"{t}/{who}{how}": 0 for t in tasks for who in ("tokenizer", "teacher")
+               for how in ("", "_by_caption")[:1 + (tasks[t][2] is not None)]}
     counts = {"pix": 0, "sem": 0}  # code histograms: ImageNet val's 50k × 729 × 8 codes do not fit a list
     read = {}  # shapes: the strict reader's verdicts on the reconstructions, summed over images
     n = 0
@@ -1526,13 +1549,14 @@ def evaluate(model, teacher, dataset, tasks, env, cfg, lpips=None, png_dir=None,
             sums["lpips"] += lpips(recon, x).sum().item()
         for branch, codes in (("pix", out.pix_codes), ("sem", out.sem_codes)):
             counts[branch] = counts[branch] + torch.bincount(codes.flatten(), minlength=model.sem_rvq.codebook_size)
-        for t, (classifier, labels) in tasks.items():
+        for t, (classifier, labels, by_caption) in tasks.items():
             y = labels(batch).to(env.device)
-            pred = (F.normalize(out.pooled.float(), dim=-1) @ classifier.t()).argmax(-1)
-            correct[f"{t}/tokenizer"] += (pred == y).sum().item()
-            if teacher is not None:
-                pred = (F.normalize(p0.float(), dim=-1) @ classifier.t()).argmax(-1)
-                correct[f"{t}/teacher"] += (pred == y).sum().item()
+            for who, emb in (("tokenizer", out.pooled), ("teacher", p0)):
+                if emb is None:
+                    continue
+                correct[f"{t}/{who}"] += (zero_shot_predict(emb, classifier) == y).sum().item()
+                if by_caption is not None:
+                    correct[f"{t}/{who}_by_caption"] += (zero_shot_predict(emb, None, by_caption) == y).sum().item()
         if teacher is not None:
             sums["cos_layer"] += F.cosine_similarity(out.sem.float(), f0.float(), dim=-1).mean(1).sum().item()
             sums["cos_pool"] += F.cosine_similarity(out.pooled.float(), p0.float(), dim=-1).sum().item()
@@ -1577,6 +1601,9 @@ def format_results(res, model, teacher, lpips, title):
         if key.endswith("/tokenizer"):
             task = key.split("/")[0]
             ref = f"   teacher {100 * res[f'{task}/teacher']:.1f}%" if teacher is not None else ""
+            if f"{task}/tokenizer_by_caption" in res:  # shapes: the best of the world's 972 captions too
+                ref += f"   (best caption: tokenizer {100 * res[f'{task}/tokenizer_by_caption']:.1f}%" + (
+                    f"   teacher {100 * res[f'{task}/teacher_by_caption']:.1f}%)" if teacher is not None else ")")
             lines.append(f"zero-shot {task:<10} tokenizer {100 * res[key]:.1f}%{ref}")
     return "\n".join(lines)
 
@@ -2112,7 +2139,10 @@ def train_teacher(cfg, env):
             for name, eval_set in eval_sets.items():
                 acc = siglip_zero_shot(model, cfg, env, eval_set, encode)
                 log(f"step {step} | zero-shot on {len(eval_set)} images ({name}): " +
-                    "  ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()))
+                    "  ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items() if " by caption" not in k))
+                if any(" by caption" in k for k in acc):
+                    log(f"step {step} | best of the 972 captions ({name}): " +
+                        "  ".join(f"{k[:-11]} {100 * v:.1f}%" for k, v in acc.items() if " by caption" in k))
             t0 += time.time() - t_aside
         if env.master and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             state = {"format": TRAIN_STATE_FORMAT, "stage": "teacher", "step": step, "config": asdict(cfg),
@@ -2130,12 +2160,14 @@ def siglip_zero_shot(siglip, cfg, env, dataset, encode):
     was_training = siglip.training
     siglip.eval()
     tasks = zero_shot_tasks(cfg, siglip, encode, dataset, env.device)
-    correct = dict.fromkeys(tasks, 0)
+    correct = {f"{t}{how}": 0 for t in tasks for how in ("", " by caption")[:1 + (tasks[t][2] is not None)]}
     for batch in torch.utils.data.DataLoader(dataset, cfg.batch_size, generator=torch.Generator()):
         with env.ctx:
-            img = F.normalize(siglip.encode_image(batch["image"].to(env.device)).float(), dim=-1)
-        for t, (classifier, labels) in tasks.items():
-            correct[t] += ((img @ classifier.t()).argmax(-1).cpu() == labels(batch)).sum().item()
+            img = siglip.encode_image(batch["image"].to(env.device))
+        for t, (classifier, labels, by_caption) in tasks.items():
+            correct[t] += (zero_shot_predict(img, classifier).cpu() == labels(batch)).sum().item()
+            if by_caption is not None:
+                correct[f"{t} by caption"] += (zero_shot_predict(img, None, by_caption).cpu() == labels(batch)).sum().item()
     siglip.train(was_training)
     return {t: v / len(dataset) for t, v in correct.items()}
 

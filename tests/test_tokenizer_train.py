@@ -194,12 +194,13 @@ def test_teacher_stage(tmp_path, capsys):
                "--log_every", "1", "--eval_every", "8", "--eval_n", "8", "--out_dir", str(tmp_path)], capsys)
     losses = [float(v) for v in re.findall(r"sigmoid loss ([\d.]+)", out)]
     assert len(losses) == 8 and all(np.isfinite(losses))
-    # the bias starts at the prior log-odds of a positive among each image's 8 · (1 + 5) texts (its
-    # caption, the batch's others and 5 hard negatives each): −log 47; step 1 moves it by ≤ lr/4 = 2.5e-4
+    # the bias starts at the prior log-odds of a positive among each image's 8 · (1 + 8) texts (its
+    # caption, the batch's others and 8 hard negatives each): −log 71; step 1 moves it by ≤ lr/4 = 2.5e-4
     b1 = float(re.search(r"^step 1 \|.* b (-?[\d.]+) \|", out, re.M).group(1))
-    assert b1 == pytest.approx(-np.log(47), abs=0.006)
+    assert b1 == pytest.approx(-np.log(71), abs=0.006)
     for split in ("train split, unseen seed", "held-out combinations"):
         assert re.search(rf"zero-shot on 8 images \({split}\): shape [\d.]+%  color [\d.]+%", out)
+        assert re.search(rf"best of the 972 captions \({split}\): shape [\d.]+%  color [\d.]+%", out)
     # a SigLIP directory like any other: the tokenizer stage loads it as it loads google/siglip2-*
     siglip = T.SigLIP.from_pretrained(str(tmp_path))
     assert siglip.config == T.SIGLIP_PRESETS["shapes"]
@@ -286,6 +287,17 @@ def test_eval_block_and_pngs(straight, teacher_dir, capsys):
                                   for i in range(8)])
             assert acc[attr][1] == pytest.approx(100 * ((img @ W.t()).argmax(-1) == truth).float().mean().item(),
                                                  abs=0.06)
+    # and by the best of the world's 972 captions, recomputed from an enumeration of its own
+    caps = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r"zero-shot (\w+) +tokenizer .*\(best caption: tokenizer [\d.]+%   teacher ([\d.]+)%\)", out)}
+    world = [dict(shape=a, color=b, size=c, where=d, background=e) for a in D.SHAPES for b in D.COLORS
+             for c in D.SIZES for d in D.WHERES for e in D.BACKGROUNDS]
+    assert len(world) == 972
+    with torch.no_grad():
+        best = (img @ F.normalize(teacher.encode_text(encode([D.shapes_caption(w) for w in world])), dim=-1).t()).argmax(-1)
+    for attr in T.SHAPES_ATTRS:
+        hits = [world[b][attr] == D.shapes_sample(i, 1)["attrs"][attr] for i, b in enumerate(best.tolist())]
+        assert caps[attr] == pytest.approx(100 * np.mean(hits), abs=0.06)
 
 
 def test_torchrun_two_ranks_stay_in_sync(teacher_dir, tmp_path):
