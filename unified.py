@@ -240,13 +240,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v):
-        # input_pos (T,), k and v (B, n_kv, T, hs) -> the whole cache, (B, n_kv, S, hs) each
+    def update(self, input_pos, k, v, kv_len=None):
+        # input_pos (T,), k and v (B, n_kv, T, hs) -> the first kv_len slots (all if None), (B, n_kv, S', hs)
         if k.shape[0] != self.k.shape[0]:
             raise ValueError(f"batch of {k.shape[0]} rows but the cache was set up for {self.k.shape[0]}")
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
-        return self.k, self.v
+        self.k[:, :, input_pos] = k.to(self.k.dtype)
+        self.v[:, :, input_pos] = v.to(self.v.dtype)
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
 
 
 class Attention(nn.Module):
@@ -261,23 +261,30 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
         self.kv_cache = None  # a KVCache while Qwen2.setup_cache is in effect
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
+    def forward(self, x, cos, sin, mask=None, input_pos=None, kv_len=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hs)
-        # GQA: query head h reads K/V head h // (n_head // n_kv_head), as HF repeat_kv does
+        # GQA: query head h reads K/V head h // rep, as HF repeat_kv does
         rep = self.n_head // self.n_kv_head
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
-        if mask is None:  # training / full-sequence path: plain causal, lets SDPA pick a fused kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hs)
-        return self.wo(y)
+        if input_pos is None:  # training / full sequence
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, T, hs)
+            # mask None: plain causal, lets SDPA pick a fused kernel
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            y = y.transpose(1, 2)  # (B, T, nh, hs)
+        else:  # decoding through the cache
+            k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, n_kv, S', hs): the filled prefix
+            # The rep query heads that share a K/V head become rep·T query rows of that head, so K/V
+            # are read as stored, never copied rep times (8× for Qwen2.5-3B). mask None: every slot
+            # of the prefix is visible (one query per row, no padding).
+            q = q.reshape(B, self.n_kv_head, rep * T, self.head_dim)  # (B, n_kv, rep·T, hs)
+            if mask is not None:
+                mask = mask.repeat(*(1,) * (mask.dim() - 2), rep, 1)  # (..., rep·T, S')
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, n_kv, rep·T, hs)
+            y = y.view(B, self.n_head, T, self.head_dim).transpose(1, 2)  # (B, T, nh, hs)
+        return self.wo(y.reshape(B, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -301,8 +308,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask=None, input_pos=None, kv_len=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, kv_len)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -325,6 +332,12 @@ HF_KEY_MAP = {
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
+
+
+def compute_dtype(weight, device):
+    # the dtype matmuls run in: autocast's where it is on (bf16 on a GPU), else the weights'
+    on = device.type in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(device.type)
+    return torch.get_autocast_dtype(device.type) if on else weight.dtype
 
 
 def sample_logits(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -382,9 +395,10 @@ class Qwen2(nn.Module):
 
     def setup_cache(self, batch_size, max_seq_len, dtype=None, device=None):
         """Preallocate a static KV cache for batch_size rows (2B for a [cond; uncond] CFG batch)
-        of max_seq_len positions. Afterwards, calls with input_pos read and write it."""
-        dtype = dtype or self.tok_embeddings.weight.dtype
+        of max_seq_len positions. Afterwards, calls with input_pos read and write it. dtype None:
+        the compute dtype (autocast's if on, else the weights'), so attention never recasts it."""
         device = device or self.tok_embeddings.weight.device
+        dtype = dtype or compute_dtype(self.tok_embeddings.weight, device)
         c = self.config
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(batch_size, max_seq_len, c.n_kv_head, c.head_dim, dtype, device)
@@ -395,7 +409,7 @@ class Qwen2(nn.Module):
 
     # --- forward
 
-    def hidden(self, idx=None, input_embeds=None, input_pos=None, key_mask=None):
+    def hidden(self, idx=None, input_embeds=None, input_pos=None, key_mask=None, kv_len=None):
         """Final hidden states (after the last RMSNorm), (B, T, dim).
 
         Input is token ids idx (B, T) or embeddings input_embeds (B, T, dim) (image positions of
@@ -403,7 +417,10 @@ class Qwen2(nn.Module):
         position 0, causal, no cache. With input_pos (T,) long: the positions of these T inputs;
         their keys/values are written to the cache set up by setup_cache, and they attend to every
         cached slot at or before their position. key_mask (B, T) without a cache or (B, S) with
-        one marks padding slots False (see attention_mask).
+        one marks padding slots False (see attention_mask). kv_len: how many cache slots attention
+        reads, the filled prefix rather than the whole allocation: the last position + 1 (None: read
+        off input_pos, a host sync on a GPU). With key_mask it may be larger (the causal mask hides
+        the rest), which lets a compiled step round it up and see few shapes.
         """
         if (idx is None) == (input_embeds is None):
             raise ValueError("pass exactly one of idx and input_embeds")
@@ -417,13 +434,16 @@ class Qwen2(nn.Module):
             if cache is None:
                 raise RuntimeError("input_pos needs a KV cache: call setup_cache(batch_size, max_seq_len)")
             pos = input_pos
-            mask = attention_mask(pos, cache.k.shape[2], key_mask)
+            kv_len = int(pos[-1]) + 1 if kv_len is None else kv_len
+            key_mask = None if key_mask is None else key_mask[:, :kv_len]
+            # one query per row and no padding: the whole prefix is visible, no mask to build or read
+            mask = None if T == 1 and key_mask is None else attention_mask(pos, kv_len, key_mask)
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)  # (T, hs) each
         for layer in self.layers:
             if self.grad_checkpointing and self.training and input_pos is None:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, input_pos)
+                x = layer(x, cos, sin, mask, input_pos, kv_len)
         return self.norm(x)
 
     def head(self, h):
@@ -453,7 +473,7 @@ class Qwen2(nn.Module):
         B, T = idx.shape
         self.setup_cache(B, T + max_new_tokens, device=idx.device)
         try:
-            h = self.hidden(idx, input_pos=torch.arange(T, device=idx.device))
+            h = self.hidden(idx, input_pos=torch.arange(T, device=idx.device), kv_len=T)
             logits = self.head(h[:, -1])  # (B, V): only the last position is needed
             out, done = idx, torch.zeros(B, dtype=torch.bool, device=idx.device)
             for t in range(T, T + max_new_tokens):
@@ -464,7 +484,7 @@ class Qwen2(nn.Module):
                 out = torch.cat((out, nxt[:, None]), dim=1)
                 if done.all() or t == T + max_new_tokens - 1:
                     break
-                h = self.hidden(nxt[:, None], input_pos=torch.tensor([t], device=idx.device))
+                h = self.hidden(nxt[:, None], input_pos=torch.tensor([t], device=idx.device), kv_len=t + 1)
                 logits = self.head(h[:, -1])
         finally:
             self.clear_cache()
@@ -695,6 +715,42 @@ class DepthHead(nn.Module):
         x = self.norm(x)
         return torch.einsum("mdw,dkw->mdk", x, self.classifier[:n].to(x.dtype))  # (M, n, K)
 
+    @torch.no_grad()
+    def sample(self, h, codebook, draw):
+        """Draw D codes per row, depth by depth, as forward would score them, at a fraction of the work.
+
+        h (R, llm dim); codebook (K, C); draw(logits (R, K) fp32) -> codes (R,) long. -> (R, D).
+        Slot d runs once: its keys/values go into a D-slot cache that later slots attend to, and only
+        classifier d is applied to it (teacher forcing needs all slots at once, sampling one at a time).
+        """
+        x = self.in_h(h)  # (R, W): slot 1
+        cache = self.layers[0].attn.kv_cache
+        if cache is None or cache.k.shape[0] != x.shape[0] or cache.k.dtype != x.dtype or cache.k.device != x.device:
+            # kept between positions (a few KB per row): slot d is written before any query reads it,
+            # and a compiled slot step sees the same buffers every time
+            c = self.block_config
+            for layer in self.layers:
+                layer.attn.kv_cache = KVCache(x.shape[0], self.depth, c.n_kv_head, c.head_dim, x.dtype, x.device)
+        prefix = torch.zeros(h.shape[0], codebook.shape[1], device=h.device)  # Σ_{d'<d} e(r_d'), eq. (5)
+        codes = []
+        for d in range(self.depth):
+            if d:
+                prefix = prefix + codebook[codes[-1]]
+                x = self.in_code(prefix.to(x.dtype))  # (R, W)
+            codes.append(draw(self.slot(x, d).float()))  # (R, K) -> (R,)
+        return torch.stack(codes, dim=1)
+
+    def slot(self, x, d):
+        """One cached step: slot d's input x (R, W) -> the logits of depth d (R, K). Writes slot d's
+        keys/values and attends to slots ≤ d; only classifier d runs."""
+        c = self.block_config
+        pos = torch.full((1,), d, device=x.device)
+        cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta)  # (1, hs) each
+        y = (x + self.pos[d])[:, None]  # (R, 1, W)
+        for layer in self.layers:
+            y = layer(y, cos, sin, None, pos, d + 1)
+        return F.linear(self.norm(y[:, 0]), self.classifier[d])  # (R, K)
+
 
 def total_loss(config, text, pix, sem=None):
     """Eq. (6)-(8): text CE + Σ_d pixel CE_d + Σ_d semantic CE_d, with the config's weights (all 1 in
@@ -853,24 +909,19 @@ class UnifiedModel(nn.Module):
         same codes to both. -> (pix (B, D), sem (B, D) or None). temperature 0 is greedy.
         """
         B = h.shape[0] // 2 if guidance is not None else h.shape[0]
-        out = []
-        for head, codebook in ((self.pix_head, self.pix_codebook), (self.sem_head, self.sem_codebook)):
-            if head is None:
-                out.append(None)
-                continue
-            codes = torch.zeros(h.shape[0], 0, dtype=torch.long, device=h.device)
-            for _ in range(self.config.rvq_depth):
-                # the depth transformer is 8 slots long: recomputing it per depth costs less than a cache
-                logits = head(h, codebook[codes])[:, -1].float()  # (R, K)
-                if guidance is not None:
-                    cond, uncond = logits.chunk(2)
-                    logits = uncond + guidance * (cond - uncond)
-                k = sample_logits(logits, temperature, top_k, top_p, generator)  # (B,)
-                if guidance is not None:
-                    k = torch.cat((k, k))
-                codes = torch.cat((codes, k[:, None]), dim=1)
-            out.append(codes[:B])
-        return tuple(out)
+        if guidance == 1:
+            # uncond + 1·(cond − uncond) is the conditional model: the unconditional rows would only cost
+            h, guidance = h[:B], None
+
+        def draw(logits):  # (R, K) -> (R,)
+            if guidance is not None:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + guidance * (cond - uncond)
+            k = sample_logits(logits, temperature, top_k, top_p, generator)  # (B,)
+            return k if guidance is None else torch.cat((k, k))
+
+        return tuple(None if head is None else head.sample(h, codebook, draw)[:B]
+                     for head, codebook in ((self.pix_head, self.pix_codebook), (self.sem_head, self.sem_codebook)))
 
     # --- checkpoints
 
