@@ -694,6 +694,7 @@ class DepthHead(nn.Module):
         self.layers = nn.ModuleList(Block(self.block_config) for _ in range(c.depth_layers))
         self.norm = RMSNorm(W, c.llm.norm_eps)
         self.classifier = nn.Parameter(torch.zeros(c.rvq_depth, c.codebook_size, W))  # (D, K, W)
+        self.grad_checkpointing = False  # recompute the layers' activations in backward (set by the trainer)
 
     def forward(self, h, code_vecs):
         """h (M, llm dim): hidden states that predict a visual position; code_vecs (M, d, C): the
@@ -710,8 +711,11 @@ class DepthHead(nn.Module):
         x = x + self.pos[:n]
         pos = torch.arange(n, device=x.device)
         cos, sin = rope_cos_sin(pos, self.block_config.head_dim, self.block_config.rope_theta)
-        for layer in self.layers:
-            x = layer(x, cos, sin)  # causal over the slots
+        for layer in self.layers:  # causal over the slots
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         x = self.norm(x)
         return torch.einsum("mdw,dkw->mdk", x, self.classifier[:n].to(x.dtype))  # (M, n, K)
 
@@ -874,7 +878,9 @@ class UnifiedModel(nn.Module):
     # --- forward
 
     def forward(self, ids, pix_codes=None, sem_codes=None, text_targets=None, vis_targets=None):
-        """-> (text logits (B, T, vocab), losses or None).
+        """-> (text logits, losses or None). Without targets: logits (B, T, vocab), losses None. With
+        targets: logits (N, vocab) at the N text-target positions only, in row-major order — the full
+        (B, T, vocab) tensor would be stage 2's largest activation, and ~3 % of it has a target.
 
         text_targets (B, T): the token after each position, -100 where it is not a text target.
         vis_targets (B, T): for a position whose next position is a visual position to generate,
@@ -883,12 +889,12 @@ class UnifiedModel(nn.Module):
         "sem": (D,) or None without a semantic head}; each CE is a mean over its positions.
         """
         h = self.llm.hidden(input_embeds=self.embed(ids, pix_codes, sem_codes))  # (B, T, dim)
-        logits = self.llm.head(h)
         if text_targets is None and vis_targets is None:
-            return logits, None
+            return self.llm.head(h), None
         c = self.config
         sel = text_targets != -100
-        text = F.cross_entropy(logits[sel].float(), text_targets[sel], reduction="sum") / sel.sum().clamp(min=1)
+        logits = self.llm.head(h[sel])  # (N, vocab)
+        text = F.cross_entropy(logits.float(), text_targets[sel], reduction="sum") / sel.sum().clamp(min=1)
         vsel = vis_targets != -100
         hv, rows = h[vsel], vis_targets[vsel]  # (M, dim), (M,)
         pix_t = pix_codes[rows]                 # (M, D)
@@ -1296,7 +1302,7 @@ class TrainConfig:
     device: str = "auto"             # "auto" (cuda if available), "cpu", "cuda"
     dtype: str = "bfloat16"          # autocast dtype on CUDA ("float32" turns it off); CPU runs fp32
     compile: bool = False
-    grad_checkpointing: bool = False  # recompute LLM block activations in backward
+    grad_checkpointing: bool = False  # recompute the LLM's and the depth heads' block activations in backward
     fsdp: bool = False               # FSDP2 (fully_shard) instead of DDP, for LLMs that do not fit DDP
     seed: int = 0
     # output
@@ -1475,7 +1481,9 @@ def _train(tc, model_kw, env):
                 m.requires_grad_(True)
         if tc.freeze == "llm" and model.grid_pos is not None:
             model.grid_pos.requires_grad_(True)  # an input embedding of the visual positions, like the projector
-    model.llm.grad_checkpointing = tc.grad_checkpointing
+    for part in (model.llm, model.pix_head, model.sem_head):  # the LLM's blocks and the depth heads' layers
+        if part is not None:
+            part.grad_checkpointing = tc.grad_checkpointing
     raw = model  # saved from here: unwrapped and uncompiled
     if tc.fsdp:
         mesh = init_device_mesh(device.type, (world,))

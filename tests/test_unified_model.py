@@ -276,10 +276,12 @@ def test_losses_read_exactly_the_target_positions():
     model = tiny_model()
     b = make_batch(("gen", "und"))
     with torch.no_grad():
-        logits, losses = run(model, b)
+        target_logits, losses = run(model, b)
+        logits, _ = model(b["ids"], b["pix_codes"], b["sem_codes"])  # (B, T, vocab): every position
         h = model.llm.hidden(input_embeds=model.embed(b["ids"], b["pix_codes"], b["sem_codes"]))
-    # text: CE over the target positions only
+    # text: CE over the target positions only, whose logits are the ones returned with targets
     sel = b["text_targets"] != -100
+    torch.testing.assert_close(target_logits, logits[sel], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(losses["text"], F.cross_entropy(logits[sel], b["text_targets"][sel]))
     # visual, by hand: the hidden state at <|vision_start|> and at visual positions 0..P-2 of the
     # generated image (row 0), against the codes of visual positions 0..P-1
@@ -307,6 +309,28 @@ def test_losses_read_exactly_the_target_positions():
         weighted = run(model, b)[1]["loss"]
     expected = losses["text"] + sum(losses[k][0] + 0.25 * losses[k][1:].sum() for k in ("pix", "sem"))
     torch.testing.assert_close(weighted, expected)
+
+
+def test_text_logits_at_target_positions_only_give_the_full_logits_loss_and_gradients():
+    # forward with targets runs the vocabulary projection at the text-target positions only; the
+    # loss and every gradient must be those of the full (B, T, vocab) computation (fp32, same ops up
+    # to the row selection: 1e-6 relative)
+    b = make_batch(("gen", "und", "gen"))
+    out = []
+    for full in (False, True):
+        model = tiny_model().train()
+        if full:
+            logits, _ = model(b["ids"], b["pix_codes"], b["sem_codes"])  # (B, T, vocab)
+            sel = b["text_targets"] != -100
+            loss = F.cross_entropy(logits[sel].float(), b["text_targets"][sel])
+        else:
+            loss = run(model, b)[1]["text"]
+        loss.backward()
+        out.append((loss.detach(), [p.grad for p in model.llm.parameters()]))
+    torch.testing.assert_close(out[0][0], out[1][0], atol=0, rtol=1e-6)
+    for g0, g1 in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(g0, g1, atol=1e-8, rtol=1e-5)
+    assert 0 < (b["text_targets"] != -100).float().mean() < 0.5  # most positions are not text targets
 
 
 def test_a_batch_without_generation_still_gives_every_head_parameter_a_gradient():
@@ -488,7 +512,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
         model = tiny_model().train()
-        model.llm.grad_checkpointing = ckpt
+        model.llm.grad_checkpointing = model.pix_head.grad_checkpointing = model.sem_head.grad_checkpointing = ckpt
         run(model, b)[1]["loss"].backward()
         grads.append([p.grad for p in model.parameters()])
     for g0, g1 in zip(*grads):
