@@ -14,7 +14,8 @@ sys.path.insert(0, ROOT)
 from data import encode_chat, load_text_tokenizer, shapes_sample, to_tensor  # noqa: E402
 from sample import answer, generate_codes, image_grid, image_prompt, left_pad  # noqa: E402
 from tokenizer import TOKENIZER_PRESETS, DualTokenizer  # noqa: E402
-from unified import Qwen2Config, UnifiedConfig, UnifiedModel, sample_logits  # noqa: E402
+from unified import Qwen2Config, UnifiedConfig, UnifiedModel  # noqa: E402
+from bench import recompute_sample_codes  # noqa: E402  (the depth sampler of before)
 
 
 def tiny_tokenizer_config():
@@ -82,26 +83,6 @@ def test_cached_sampling_equals_full_recompute(ckpt, cfg):
     ref_pix, ref_sem = reference_codes(model, enc, captions, cfg, 1.0, seed=7)
     assert pix.shape == (2, 4, 4, 4)
     assert torch.equal(pix, ref_pix) and torch.equal(sem, ref_sem)
-
-
-def recompute_sample_codes(model, h, guidance=None, temperature=1.0, top_k=None, top_p=None, generator=None):
-    # UnifiedModel.sample_codes before the depth-slot cache (kept here as the reference): at each
-    # depth the depth transformer reruns over all slots so far and every slot's classifier runs.
-    B = h.shape[0] // 2 if guidance is not None else h.shape[0]
-    out = []
-    for head, codebook in ((model.pix_head, model.pix_codebook), (model.sem_head, model.sem_codebook)):
-        codes = torch.zeros(h.shape[0], 0, dtype=torch.long, device=h.device)
-        for _ in range(model.config.rvq_depth):
-            logits = head(h, codebook[codes])[:, -1].float()  # (R, K)
-            if guidance is not None:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + guidance * (cond - uncond)
-            k = sample_logits(logits, temperature, top_k, top_p, generator)
-            if guidance is not None:
-                k = torch.cat((k, k))
-            codes = torch.cat((codes, k[:, None]), dim=1)
-        out.append(codes[:B])
-    return tuple(out)
 
 
 @torch.no_grad()
