@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, ShapesDataset, WebDataset,
+from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, LlavaDataset, ShapesDataset, WebDataset,
                   encode_chat, load_text_tokenizer, shapes_sample, to_tensor)
 # the training skeleton is stage 1's: flags from the config dataclass, torchrun setup, the schedule,
 # AdamW, strict loading, atomic checkpoints, the one-line error handler
@@ -1134,6 +1134,31 @@ class WebSource:
         pass
 
 
+class LlavaSource:
+    # LLaVA-format conversations (data.LlavaDataset: multi-turn, images in user turns, text-only
+    # entries too) for the understanding samples, drawn at random with replacement by this source's
+    # own generator: its state is all a resumed run needs to draw what the straight run would have
+    def __init__(self, path, image_root, size, resample, generator):
+        self.ds, self.gen = LlavaDataset(path, image_root, size, resample), generator
+
+    @property
+    def stats(self):
+        return self.ds.stats
+
+    def take(self, k):
+        out = []
+        for i in torch.randint(len(self.ds), (k,), generator=self.gen).tolist():
+            s = self.ds[i]
+            out.append(dict(images=s["images"], conversation=s["messages"]))
+        return out
+
+    def state_dict(self):
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, state):
+        self.gen.set_state(state["generator"])
+
+
 CODES_FORMAT, CODES_VERSION = "dualtoken-codes", "1"  # code shard metadata, checked on load
 
 
@@ -1225,40 +1250,80 @@ class CodeShards:
 
 class Batcher:
     """Micro-batches of mixed generation / understanding sequences with their targets and codes.
-    Images are encoded by the frozen tokenizer here unless the records already carry codes."""
+    Images are encoded by the frozen tokenizer here unless the records already carry codes.
 
-    def __init__(self, source, enc, config, tokenizer, gen_ratio, caption_drop, batch_size, generator, device):
-        self.source, self.enc, self.special = source, enc, config.special_tokens
+    Each sample is generation with probability gen_ratio. Without und_source, both kinds come from
+    source (an understanding sample asks about a generation record's image: its conversation, or a
+    captioning turn). With und_source (LlavaSource), generation samples come from source and
+    understanding samples are und_source's conversations, loss on every assistant turn."""
+
+    def __init__(self, source, enc, config, tokenizer, gen_ratio, caption_drop, batch_size, generator, device,
+                 und_source=None):
+        self.source, self.und_source, self.enc, self.special = source, und_source, enc, config.special_tokens
         self.tokenizer, self.device = tokenizer, device
         self.gen_ratio, self.caption_drop, self.batch_size, self.gen = gen_ratio, caption_drop, batch_size, generator
-        self.n_visual = config.grid ** 2
+        self.n_visual, self.depth, self.max_len = config.grid ** 2, config.rvq_depth, config.llm.max_seq_len
 
     def next(self):
-        records = self.source.take(self.batch_size)
-        if "image" in records[0]:
-            images = torch.stack([r["image"] for r in records]).to(self.device)
-            pix, sem = self.tokenizer.encode(images)  # (B, h, w, D) each
-            for r, p, s in zip(records, pix.cpu(), sem.cpu()):
-                r["pix"], r["sem"] = p, s
+        def draws():  # (generation?, caption dropped?) per sample
+            return [(torch.rand(2, generator=self.gen) < torch.tensor([self.gen_ratio, self.caption_drop])).tolist()
+                    for _ in range(self.batch_size)]
+
+        if self.und_source is None:
+            records = self.source.take(self.batch_size)  # (before the draws: ShapesSource shares the generator)
+            kinds = draws()
+        else:
+            kinds = draws()  # first: they decide which source each sample comes from
+            n_gen = sum(g for g, _ in kinds)
+            gen_records = iter(self.source.take(n_gen) if n_gen else [])
+            und_records = iter(self.und_source.take(self.batch_size - n_gen) if n_gen < self.batch_size else [])
+            records = [next(gen_records) if g else next(und_records) for g, _ in kinds]
+        self._encode(records)
         samples = []
-        for r in records:
-            gen, drop = (torch.rand(2, generator=self.gen) < torch.tensor([self.gen_ratio, self.caption_drop])).tolist()
+        for r, (gen, drop) in zip(records, kinds):
             if gen:
                 messages = generation_messages("" if drop else r["caption"])
             else:
                 messages = r["conversation"] or understanding_messages(QUESTIONS["caption"], r["caption"])
             ids, mask = encode_chat(self.enc, messages, image_tokens=self.n_visual)
             text, vis = sequence_targets(ids, mask, self.special)
-            samples.append((ids, text, vis, r["pix"].flatten(0, 1), r["sem"].flatten(0, 1)))
+            pix, sem = r["pix"].flatten(0, -2), r["sem"].flatten(0, -2)  # (P, D): every image's positions in order
+            if len(ids) > self.max_len:
+                # a conversation longer than the context: its first max_len tokens, the codes of the pads
+                # they hold, and no target past the cut
+                L = self.max_len
+                ids, text, vis = ids[:L], text[:L - 1] + [-100], vis[:L - 1] + [-100]
+                n = ids.count(self.special["<|image_pad|>"])
+                pix, sem = pix[:n], sem[:n]
+            samples.append((ids, text, vis, pix, sem))
         batch = collate(samples, self.special["<|endoftext|>"])
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    def _encode(self, records):
+        # codes for the records that carry images instead: one tokenizer call for the whole batch
+        todo = [(r, r["images"] if "images" in r else [r["image"]]) for r in records if "pix" not in r]
+        images = [im for _, ims in todo for im in ims]
+        if images:
+            pix, sem = self.tokenizer.encode(torch.stack(images).to(self.device))  # (N, h, w, D) each
+            pix, sem = pix.flatten(1, 2).cpu(), sem.flatten(1, 2).cpu()  # (N, h·w, D)
+        i = 0
+        for r, ims in todo:  # a text-only conversation gets (0, D)
+            n = len(ims)
+            r["pix"] = pix[i:i + n].flatten(0, 1) if n else torch.zeros(0, self.depth, dtype=torch.long)
+            r["sem"] = sem[i:i + n].flatten(0, 1) if n else torch.zeros(0, self.depth, dtype=torch.long)
+            i += n
+
     def state_dict(self):
-        return {"generator": self.gen.get_state(), "source": self.source.state_dict()}
+        state = {"generator": self.gen.get_state(), "source": self.source.state_dict()}
+        if self.und_source is not None:
+            state["understanding"] = self.und_source.state_dict()
+        return state
 
     def load_state_dict(self, state):
         self.gen.set_state(state["generator"])
         self.source.load_state_dict(state["source"])
+        if self.und_source is not None:
+            self.und_source.load_state_dict(state["understanding"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1283,6 +1348,9 @@ class TrainConfig:
     n_images: int = 1_000_000        # shapes: draw from the first n training images; extract-codes: how many
     shard_size: int = 4096           # extract-codes: images per shard
     gen_ratio: float = 0.5           # share of generation samples (caption → image); the rest understanding
+    llava: str = ""                  # LLaVA-format conversations (.json / .jsonl, e.g. llava_v1_5_mix665k.json):
+                                     # the understanding samples; --data / --codes then give generation only
+    llava_images: str = ""           # the folder the LLaVA entries' image paths are relative to
     caption_drop: float = 0.1        # generation samples with an empty caption: the unconditional model of CFG
     qa_turns: int = 1                # shapes: questions per understanding conversation (1..6)
     workers: int = 4                 # DataLoader workers decoding webdataset shards
@@ -1381,6 +1449,8 @@ def check_train_config(tc):
         raise UsageError(f"--freeze {tc.freeze!r}: choose from 'none', 'llm', 'heads'")
     if not 1 <= tc.qa_turns <= len(QUESTIONS):
         raise UsageError(f"--qa_turns {tc.qa_turns}: between 1 and {len(QUESTIONS)} (the question types)")
+    if bool(tc.llava) != bool(tc.llava_images):
+        raise UsageError("--llava FILE and --llava_images DIR go together")
     return tc
 
 
@@ -1511,7 +1581,13 @@ def _train(tc, model_kw, env):
     else:
         s = tokenizer.config.siglip
         source = WebSource(tc.data, s.image_size, s.resample, tc.seed, tc.workers)
-    batcher = Batcher(source, enc, config, tokenizer, tc.gen_ratio, tc.caption_drop, tc.batch_size, gen, device)
+    und = None
+    if tc.llava:
+        s = tokenizer.config.siglip
+        und_gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + rank + 500_009)  # apart from the batcher's
+        with reading(f"--llava {tc.llava}"):
+            und = LlavaSource(tc.llava, tc.llava_images, s.image_size, s.resample, und_gen)
+    batcher = Batcher(source, enc, config, tokenizer, tc.gen_ratio, tc.caption_drop, tc.batch_size, gen, device, und)
 
     step = 0
     if tc.resume:
