@@ -507,15 +507,18 @@ def cpu_threads(flag, environ=os.environ):
 def compile_steps(model, device, kv_round=64):
     """torch.compile the per-position work: the LLM's cached step and each depth head's slot step.
     On CUDA in "reduce-overhead" mode (CUDA graphs replay a step without per-kernel launches, as in
-    LlamaGen); a graph is recorded per shape, so with a padding mask (every text→image call) the
-    LLM's attention reads its filled prefix rounded up to kv_round slots (≈13 shapes for 729
-    positions; the mask hides the extra slots). Each head's slot step has one shape per depth."""
+    LlamaGen); a graph is recorded per shape, so the LLM's attention reads its filled prefix rounded
+    up to kv_round slots (≈13 shapes for 729 positions), a padding mask hiding the extra slots.
+    Each head's slot step has one shape per depth."""
     mode = "reduce-overhead" if device.type == "cuda" else None
     llm, step = model.llm, torch.compile(model.llm.hidden, mode=mode)
 
     def hidden(idx=None, input_embeds=None, input_pos=None, key_mask=None, kv_len=None):
-        if input_pos is not None and key_mask is not None and kv_len is not None:
-            kv_len = min(key_mask.shape[1], -(-kv_len // kv_round) * kv_round)
+        if input_pos is not None and kv_len is not None:
+            cache = llm.layers[0].attn.kv_cache.k  # (B, n_kv, S, hs)
+            if key_mask is None:  # nothing padded: a mask only to hide the rounded-up slots
+                key_mask = torch.ones(cache.shape[0], cache.shape[2], dtype=torch.bool, device=cache.device)
+            kv_len = min(cache.shape[2], -(-kv_len // kv_round) * kv_round)
         return step(idx, input_embeds, input_pos, key_mask, kv_len)
 
     llm.hidden = hidden

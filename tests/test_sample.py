@@ -483,7 +483,7 @@ def test_compiled_steps_read_a_rounded_prefix_and_draw_the_same_codes(ckpt, monk
     # is the wrapper that rounds the LLM's cache reads up to kv_round slots, the mask hiding the extra.
     import sample
     from unified import KVCache
-    _, model, _, enc = ckpt
+    _, model, tok, enc = ckpt
     captions = ["a small red circle at the top on a white background", "a large blue square"]
     want = generate_codes(model, enc, captions, cfg=3.0, temperature=0.0)
     model = copy.deepcopy(model)
@@ -500,3 +500,9 @@ def test_compiled_steps_read_a_rounded_prefix_and_draw_the_same_codes(ckpt, monk
     got = generate_codes(model, enc, captions, cfg=3.0, temperature=0.0)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert all(n % 8 == 0 or n == size for n, size in reads) and len({n for n, _ in reads}) > 1
+    # image → text through the same wrapper (no padding there: it adds the mask itself)
+    image, question = to_tensor(shapes_sample(5)["image"], size=32), "What shape is in the image?"
+    want = answer(ckpt[1], enc, tok, image, question, max_new_tokens=12)
+    reads.clear()
+    assert answer(model, enc, tok, image, question, max_new_tokens=12) == want
+    assert reads and all(n % 8 == 0 or n == size for n, size in reads)
