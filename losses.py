@@ -17,6 +17,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # LPIPS-lite (Zhang et al. 2018, v0.1 "vgg"): the perceptual term of eq. (3)
@@ -63,6 +64,9 @@ class LPIPS(nn.Module):
                 nn.init.zeros_(m.bias)
         for lin in self.lins:
             nn.init.ones_(lin.weight)
+        # Recompute each tap's VGG stage in backward instead of storing it: the gradient reaches the
+        # reconstruction through ~30 full-resolution activations of 2B images otherwise
+        self.grad_checkpointing = False
         self.requires_grad_(False)
         self.eval()  # no dropout / norm layers, so train() would change nothing; eval states intent
 
@@ -90,16 +94,23 @@ class LPIPS(nn.Module):
         # (B, 3, H, W) each, in [-1, 1]; one trunk pass over both halves
         h = (torch.cat([x, y]) - self.shift) / self.scale  # (2B, 3, H, W)
         dist, start = 0.0, 0
-        for lin, end in zip(self.lins, LPIPS_TAPS):
-            h = self.features[start:end](h)  # (2B, C_k, H_k, W_k)
-            start = end
-            # fp32 here: sum of squares over 512 channels and eps 1e-10 are not bf16-safe
-            f = h.float()
-            f = f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)  # lpips normalize_tensor
-            fx, fy = f.chunk(2)
-            d = lin((fx - fy).pow(2).to(lin.weight.dtype))  # (B, 1, H_k, W_k)
-            dist = dist + d.float().mean(dim=(1, 2, 3))  # spatial mean, summed over taps
+        for k, end in enumerate(LPIPS_TAPS):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                h, d = checkpoint(self._tap, h, k, start, end, use_reentrant=False)
+            else:
+                h, d = self._tap(h, k, start, end)
+            dist, start = dist + d, end
         return dist  # (B,)
+
+    def _tap(self, h, k, start, end):
+        # VGG stage k -> (its output (2B, C_k, H_k, W_k), the layer's distance term (B,))
+        h = self.features[start:end](h)
+        # fp32 here: sum of squares over 512 channels and eps 1e-10 are not bf16-safe
+        f = h.float()
+        f = f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)  # lpips normalize_tensor
+        fx, fy = f.chunk(2)
+        d = self.lins[k]((fx - fy).pow(2).to(self.lins[k].weight.dtype))  # (B, 1, H_k, W_k)
+        return h, d.float().mean(dim=(1, 2, 3))  # spatial mean
 
 
 def check_state_dict(state, shapes, source):

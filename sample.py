@@ -76,9 +76,11 @@ def generate_codes(model, enc, captions, cfg=3.0, temperature=1.0, top_k=None, t
     """Codes for one image per caption -> (pix (N, g, g, D), sem (N, g, g, D) or None).
 
     cfg None: conditional rows only. cfg s: rows [cond; uncond] (uncond = the empty caption, as
-    dropped in training), logits combined per depth per head inside model.sample_codes.
+    dropped in training), logits combined per depth per head inside model.sample_codes. cfg 1 is
+    the conditional model, so it runs without the unconditional rows.
     """
     c, special = model.config, model.config.special_tokens
+    cfg = None if cfg == 1 else cfg
     rows = [image_prompt(enc, special, cap) for cap in captions]
     if cfg is not None:
         rows += [image_prompt(enc, special, "")] * len(captions)
@@ -96,7 +98,7 @@ def generate_codes(model, enc, captions, cfg=3.0, temperature=1.0, top_k=None, t
     pix, sem = [], []
     try:
         h = llm.hidden(input_embeds=model.embed(ids), input_pos=torch.arange(T, device=ids.device),
-                       key_mask=cache_mask)[:, -1]  # (R, dim): the state at <|vision_start|>
+                       key_mask=cache_mask, kv_len=T)[:, -1]  # (R, dim): the state at <|vision_start|>
         for p in tqdm(range(P), desc="positions", disable=not progress, leave=False):
             pc, sc = model.sample_codes(h, cfg, temperature, top_k, top_p, generator)  # (N, D) each
             pix.append(pc)
@@ -106,8 +108,8 @@ def generate_codes(model, enc, captions, cfg=3.0, temperature=1.0, top_k=None, t
             rep = 2 if cfg is not None else 1
             v = model.visual_embed(pc.repeat(rep, 1), None if sc is None else sc.repeat(rep, 1),
                                    torch.full((R,), p, device=ids.device))
-            h = llm.hidden(input_embeds=v[:, None].to(h.dtype),
-                           input_pos=torch.tensor([T + p], device=ids.device), key_mask=cache_mask)[:, -1]
+            h = llm.hidden(input_embeds=v[:, None].to(h.dtype), input_pos=torch.tensor([T + p], device=ids.device),
+                           key_mask=cache_mask, kv_len=T + p + 1)[:, -1]
     finally:
         llm.clear_cache()
     g, N = c.grid, len(captions)
@@ -168,7 +170,7 @@ def answer(model, enc, tokenizer, image, question, max_new_tokens=64, temperatur
     stops = (end, special["<|endoftext|>"])
     banned = torch.tensor(not_answer_ids(enc, c.llm.vocab_size, stops), dtype=torch.long, device=device)
     try:
-        logits = text_logits(llm.hidden(input_embeds=x, input_pos=torch.arange(T, device=device)))
+        logits = text_logits(llm.hidden(input_embeds=x, input_pos=torch.arange(T, device=device), kv_len=T))
         for t in range(T, T + max_new_tokens):
             tok = int(sample_logits(logits, temperature, top_k, top_p, generator)[0])
             if tok in stops:
@@ -179,7 +181,7 @@ def answer(model, enc, tokenizer, image, question, max_new_tokens=64, temperatur
                 if piece:
                     stream(piece)
             logits = text_logits(llm.hidden(torch.tensor([[tok]], device=device),
-                                            input_pos=torch.tensor([t], device=device)))
+                                            input_pos=torch.tensor([t], device=device), kv_len=t + 1))
     finally:
         llm.clear_cache()
     return enc.decode(out, errors="replace")
@@ -445,7 +447,7 @@ class SampleConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     threads: int = 0              # CPU threads: 0 = $OMP_NUM_THREADS if set, else 1 (one was 2.5-5x
                                   # faster than two on a 2-core machine: EXPERIMENTS.md, "CPU threads")
-    compile: bool = False         # torch.compile the LLM's decoding step
+    compile: bool = False         # torch.compile the per-position steps (CUDA graphs on a GPU)
     figure: str = ""              # write the README's picture (PNG) to this path
     reader_grid: str = ""         # write the reader's verdicts on 32 generated images (PNG) to this path
 
@@ -502,6 +504,29 @@ def cpu_threads(flag, environ=os.environ):
     return int(env) if env.isdigit() and int(env) > 0 else 1
 
 
+def compile_steps(model, device, kv_round=64):
+    """torch.compile the per-position work: the LLM's cached step and each depth head's slot step.
+    On CUDA in "reduce-overhead" mode (CUDA graphs replay a step without per-kernel launches, as in
+    LlamaGen); a graph is recorded per shape, so the LLM's attention reads its filled prefix rounded
+    up to kv_round slots (≈13 shapes for 729 positions), a padding mask hiding the extra slots.
+    Each head's slot step has one shape per depth."""
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    llm, step = model.llm, torch.compile(model.llm.hidden, mode=mode)
+
+    def hidden(idx=None, input_embeds=None, input_pos=None, key_mask=None, kv_len=None):
+        if input_pos is not None and kv_len is not None:
+            cache = llm.layers[0].attn.kv_cache.k  # (B, n_kv, S, hs)
+            if key_mask is None:  # nothing padded: a mask only to hide the rounded-up slots
+                key_mask = torch.ones(cache.shape[0], cache.shape[2], dtype=torch.bool, device=cache.device)
+            kv_len = min(cache.shape[2], -(-kv_len // kv_round) * kv_round)
+        return step(idx, input_embeds, input_pos, key_mask, kv_len)
+
+    llm.hidden = hidden
+    for head in (model.pix_head, model.sem_head):
+        if head is not None:
+            head.slot = torch.compile(head.slot, mode=mode)
+
+
 def load(ckpt, device):
     model_dir("--ckpt", ckpt, " (the demo checkpoint is made by the README's training commands)" if ckpt == DEFAULT_CKPT else "")
     with reading(f"--ckpt {ckpt}: cannot load the checkpoint"):
@@ -523,6 +548,12 @@ def _main(argv):
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg.threads))
     model, enc, tokenizer = load(cfg.ckpt, device)
+    if device.type == "cuda":
+        # bf16 weights for everything a step reads (the codebooks stay fp32): under autocast fp32
+        # weights would be recast at every step, e.g. 8 classifier slices of 16384 × 2048 per position
+        for part in (model.llm, model.projector, model.pix_head, model.sem_head):
+            if part is not None:
+                part.to(torch.bfloat16)
     # bf16 autocast on the GPU (the RVQ search and RMSNorm stay fp32 inside); plain fp32 on the CPU
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     with ctx:
@@ -531,7 +562,7 @@ def _main(argv):
 
 def run(cfg, given, model, enc, tokenizer, device):
     if cfg.compile:
-        model.llm.hidden = torch.compile(model.llm.hidden, dynamic=True)
+        compile_steps(model, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     top_k = cfg.top_k or None
     top_p = cfg.top_p if cfg.top_p < 1 else None

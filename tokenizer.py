@@ -795,12 +795,21 @@ class Decoder(nn.Module):
             self.levels.append(nn.Sequential(*layers))
         self.norm_out = _group_norm(ch)
         self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)  # the "last layer" of the adaptive GAN weight
+        # Activation checkpointing per block in training (DualTokenizer.grad_checkpointing sets it):
+        # at 384 px the full-resolution blocks' activations outweigh the whole ViT's
+        self.grad_checkpointing = False
+
+    def _out(self, h):
+        return F.silu(self.norm_out(h))
 
     def forward(self, z):
-        h = self.mid(self.conv_in(z))
-        for level in self.levels:
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = self.conv_in(z)
+        for block in [*self.mid, *(b for level in self.levels for b in level), self._out]:
+            if self.grad_checkpointing and self.training:
+                h = checkpoint(block, h, use_reentrant=False)
+            else:
+                h = block(h)
+        return self.conv_out(h)
 
 
 class TokenizerOutput(NamedTuple):
@@ -856,8 +865,16 @@ class DualTokenizer(nn.Module):
         self.sem_pre = Projection(D, c.code_dim)
         self.sem_rvq = ResidualVQ(c.code_dim, c.codebook_size, c.depth, decay=c.decay)
         self.sem_post = Projection(c.code_dim, D)
-        # Activation checkpointing of the ViT blocks in training (so400m); set by the trainer.
+        # Activation checkpointing of the ViT and decoder blocks in training (so400m); set by the trainer.
         self.grad_checkpointing = False
+
+    @property
+    def grad_checkpointing(self):
+        return self.decoder.grad_checkpointing
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, on):
+        self.decoder.grad_checkpointing = on  # the ViT blocks read it here, through _block
 
     @classmethod
     def from_siglip(cls, siglip, config):
@@ -1030,7 +1047,7 @@ class TrainConfig:
     device: str = "auto"         # "auto": cuda:LOCAL_RANK when CUDA is available, else cpu
     dtype: str = "bfloat16"      # autocast dtype on CUDA, or "float32"; CPU always runs fp32
     compile: bool = False
-    grad_checkpointing: bool = False  # activation checkpointing of the ViT blocks (so400m at batch 32)
+    grad_checkpointing: bool = False  # activation checkpointing of the ViT and decoder blocks and of LPIPS
     workers: int = 4             # DataLoader workers per process
     hard_negatives: int = 0      # teacher stage: captions per image that differ in one attribute (data.shapes_hard_negatives)
     seed: int = 0
@@ -1916,6 +1933,8 @@ def train_tokenizer(cfg, env):
     disc = PatchGAN(norm=cfg.disc_norm).to(env.device).train()
     with reading(f"--lpips {cfg.lpips}"):
         lpips = LPIPS.from_file(cfg.lpips).to(env.device) if cfg.lpips else None
+    if lpips is not None:
+        lpips.grad_checkpointing = cfg.grad_checkpointing
     fused = env.device.type == "cuda"
     opt = make_optimizer(model, cfg, fused)
     dopt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)  # official: Adam, no decay

@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, ShapesDataset, WebDataset,
+from data import (IMAGE_PLACEHOLDER, QUESTIONS, QWEN_SPECIAL_TOKENS, LlavaDataset, ShapesDataset, WebDataset,
                   encode_chat, load_text_tokenizer, shapes_sample, to_tensor)
 # the training skeleton is stage 1's: flags from the config dataclass, torchrun setup, the schedule,
 # AdamW, strict loading, atomic checkpoints, the one-line error handler
@@ -240,13 +240,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v):
-        # input_pos (T,), k and v (B, n_kv, T, hs) -> the whole cache, (B, n_kv, S, hs) each
+    def update(self, input_pos, k, v, kv_len=None):
+        # input_pos (T,), k and v (B, n_kv, T, hs) -> the first kv_len slots (all if None), (B, n_kv, S', hs)
         if k.shape[0] != self.k.shape[0]:
             raise ValueError(f"batch of {k.shape[0]} rows but the cache was set up for {self.k.shape[0]}")
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
-        return self.k, self.v
+        self.k[:, :, input_pos] = k.to(self.k.dtype)
+        self.v[:, :, input_pos] = v.to(self.v.dtype)
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
 
 
 class Attention(nn.Module):
@@ -261,23 +261,30 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
         self.kv_cache = None  # a KVCache while Qwen2.setup_cache is in effect
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
+    def forward(self, x, cos, sin, mask=None, input_pos=None, kv_len=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hs)
-        # GQA: query head h reads K/V head h // (n_head // n_kv_head), as HF repeat_kv does
+        # GQA: query head h reads K/V head h // rep, as HF repeat_kv does
         rep = self.n_head // self.n_kv_head
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
-        if mask is None:  # training / full-sequence path: plain causal, lets SDPA pick a fused kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hs)
-        return self.wo(y)
+        if input_pos is None:  # training / full sequence
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, T, hs)
+            # mask None: plain causal, lets SDPA pick a fused kernel
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            y = y.transpose(1, 2)  # (B, T, nh, hs)
+        else:  # decoding through the cache
+            k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, n_kv, S', hs): the filled prefix
+            # The rep query heads that share a K/V head become rep·T query rows of that head, so K/V
+            # are read as stored, never copied rep times (8× for Qwen2.5-3B). mask None: every slot
+            # of the prefix is visible (one query per row, no padding).
+            q = q.reshape(B, self.n_kv_head, rep * T, self.head_dim)  # (B, n_kv, rep·T, hs)
+            if mask is not None:
+                mask = mask.repeat(*(1,) * (mask.dim() - 2), rep, 1)  # (..., rep·T, S')
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, n_kv, rep·T, hs)
+            y = y.view(B, self.n_head, T, self.head_dim).transpose(1, 2)  # (B, T, nh, hs)
+        return self.wo(y.reshape(B, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -301,8 +308,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask=None, input_pos=None, kv_len=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, kv_len)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -325,6 +332,12 @@ HF_KEY_MAP = {
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
+
+
+def compute_dtype(weight, device):
+    # the dtype matmuls run in: autocast's where it is on (bf16 on a GPU), else the weights'
+    on = device.type in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(device.type)
+    return torch.get_autocast_dtype(device.type) if on else weight.dtype
 
 
 def sample_logits(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -382,9 +395,10 @@ class Qwen2(nn.Module):
 
     def setup_cache(self, batch_size, max_seq_len, dtype=None, device=None):
         """Preallocate a static KV cache for batch_size rows (2B for a [cond; uncond] CFG batch)
-        of max_seq_len positions. Afterwards, calls with input_pos read and write it."""
-        dtype = dtype or self.tok_embeddings.weight.dtype
+        of max_seq_len positions. Afterwards, calls with input_pos read and write it. dtype None:
+        the compute dtype (autocast's if on, else the weights'), so attention never recasts it."""
         device = device or self.tok_embeddings.weight.device
+        dtype = dtype or compute_dtype(self.tok_embeddings.weight, device)
         c = self.config
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(batch_size, max_seq_len, c.n_kv_head, c.head_dim, dtype, device)
@@ -395,7 +409,7 @@ class Qwen2(nn.Module):
 
     # --- forward
 
-    def hidden(self, idx=None, input_embeds=None, input_pos=None, key_mask=None):
+    def hidden(self, idx=None, input_embeds=None, input_pos=None, key_mask=None, kv_len=None):
         """Final hidden states (after the last RMSNorm), (B, T, dim).
 
         Input is token ids idx (B, T) or embeddings input_embeds (B, T, dim) (image positions of
@@ -403,7 +417,10 @@ class Qwen2(nn.Module):
         position 0, causal, no cache. With input_pos (T,) long: the positions of these T inputs;
         their keys/values are written to the cache set up by setup_cache, and they attend to every
         cached slot at or before their position. key_mask (B, T) without a cache or (B, S) with
-        one marks padding slots False (see attention_mask).
+        one marks padding slots False (see attention_mask). kv_len: how many cache slots attention
+        reads, the filled prefix rather than the whole allocation: the last position + 1 (None: read
+        off input_pos, a host sync on a GPU). With key_mask it may be larger (the causal mask hides
+        the rest), which lets a compiled step round it up and see few shapes.
         """
         if (idx is None) == (input_embeds is None):
             raise ValueError("pass exactly one of idx and input_embeds")
@@ -417,13 +434,16 @@ class Qwen2(nn.Module):
             if cache is None:
                 raise RuntimeError("input_pos needs a KV cache: call setup_cache(batch_size, max_seq_len)")
             pos = input_pos
-            mask = attention_mask(pos, cache.k.shape[2], key_mask)
+            kv_len = int(pos[-1]) + 1 if kv_len is None else kv_len
+            key_mask = None if key_mask is None else key_mask[:, :kv_len]
+            # one query per row and no padding: the whole prefix is visible, no mask to build or read
+            mask = None if T == 1 and key_mask is None else attention_mask(pos, kv_len, key_mask)
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)  # (T, hs) each
         for layer in self.layers:
             if self.grad_checkpointing and self.training and input_pos is None:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, input_pos)
+                x = layer(x, cos, sin, mask, input_pos, kv_len)
         return self.norm(x)
 
     def head(self, h):
@@ -453,7 +473,7 @@ class Qwen2(nn.Module):
         B, T = idx.shape
         self.setup_cache(B, T + max_new_tokens, device=idx.device)
         try:
-            h = self.hidden(idx, input_pos=torch.arange(T, device=idx.device))
+            h = self.hidden(idx, input_pos=torch.arange(T, device=idx.device), kv_len=T)
             logits = self.head(h[:, -1])  # (B, V): only the last position is needed
             out, done = idx, torch.zeros(B, dtype=torch.bool, device=idx.device)
             for t in range(T, T + max_new_tokens):
@@ -464,7 +484,7 @@ class Qwen2(nn.Module):
                 out = torch.cat((out, nxt[:, None]), dim=1)
                 if done.all() or t == T + max_new_tokens - 1:
                     break
-                h = self.hidden(nxt[:, None], input_pos=torch.tensor([t], device=idx.device))
+                h = self.hidden(nxt[:, None], input_pos=torch.tensor([t], device=idx.device), kv_len=t + 1)
                 logits = self.head(h[:, -1])
         finally:
             self.clear_cache()
@@ -674,6 +694,7 @@ class DepthHead(nn.Module):
         self.layers = nn.ModuleList(Block(self.block_config) for _ in range(c.depth_layers))
         self.norm = RMSNorm(W, c.llm.norm_eps)
         self.classifier = nn.Parameter(torch.zeros(c.rvq_depth, c.codebook_size, W))  # (D, K, W)
+        self.grad_checkpointing = False  # recompute the layers' activations in backward (set by the trainer)
 
     def forward(self, h, code_vecs):
         """h (M, llm dim): hidden states that predict a visual position; code_vecs (M, d, C): the
@@ -690,10 +711,49 @@ class DepthHead(nn.Module):
         x = x + self.pos[:n]
         pos = torch.arange(n, device=x.device)
         cos, sin = rope_cos_sin(pos, self.block_config.head_dim, self.block_config.rope_theta)
-        for layer in self.layers:
-            x = layer(x, cos, sin)  # causal over the slots
+        for layer in self.layers:  # causal over the slots
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         x = self.norm(x)
         return torch.einsum("mdw,dkw->mdk", x, self.classifier[:n].to(x.dtype))  # (M, n, K)
+
+    @torch.no_grad()
+    def sample(self, h, codebook, draw):
+        """Draw D codes per row, depth by depth, as forward would score them, at a fraction of the work.
+
+        h (R, llm dim); codebook (K, C); draw(logits (R, K) fp32) -> codes (R,) long. -> (R, D).
+        Slot d runs once: its keys/values go into a D-slot cache that later slots attend to, and only
+        classifier d is applied to it (teacher forcing needs all slots at once, sampling one at a time).
+        """
+        x = self.in_h(h)  # (R, W): slot 1
+        cache = self.layers[0].attn.kv_cache
+        if cache is None or cache.k.shape[0] != x.shape[0] or cache.k.dtype != x.dtype or cache.k.device != x.device:
+            # kept between positions (a few KB per row): slot d is written before any query reads it,
+            # and a compiled slot step sees the same buffers every time
+            c = self.block_config
+            for layer in self.layers:
+                layer.attn.kv_cache = KVCache(x.shape[0], self.depth, c.n_kv_head, c.head_dim, x.dtype, x.device)
+        prefix = torch.zeros(h.shape[0], codebook.shape[1], device=h.device)  # Σ_{d'<d} e(r_d'), eq. (5)
+        codes = []
+        for d in range(self.depth):
+            if d:
+                prefix = prefix + codebook[codes[-1]]
+                x = self.in_code(prefix.to(x.dtype))  # (R, W)
+            codes.append(draw(self.slot(x, d).float()))  # (R, K) -> (R,)
+        return torch.stack(codes, dim=1)
+
+    def slot(self, x, d):
+        """One cached step: slot d's input x (R, W) -> the logits of depth d (R, K). Writes slot d's
+        keys/values and attends to slots ≤ d; only classifier d runs."""
+        c = self.block_config
+        pos = torch.full((1,), d, device=x.device)
+        cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta)  # (1, hs) each
+        y = (x + self.pos[d])[:, None]  # (R, 1, W)
+        for layer in self.layers:
+            y = layer(y, cos, sin, None, pos, d + 1)
+        return F.linear(self.norm(y[:, 0]), self.classifier[d])  # (R, K)
 
 
 def total_loss(config, text, pix, sem=None):
@@ -818,7 +878,9 @@ class UnifiedModel(nn.Module):
     # --- forward
 
     def forward(self, ids, pix_codes=None, sem_codes=None, text_targets=None, vis_targets=None):
-        """-> (text logits (B, T, vocab), losses or None).
+        """-> (text logits, losses or None). Without targets: logits (B, T, vocab), losses None. With
+        targets: logits (N, vocab) at the N text-target positions only, in row-major order — the full
+        (B, T, vocab) tensor would be stage 2's largest activation, and ~3 % of it has a target.
 
         text_targets (B, T): the token after each position, -100 where it is not a text target.
         vis_targets (B, T): for a position whose next position is a visual position to generate,
@@ -827,12 +889,12 @@ class UnifiedModel(nn.Module):
         "sem": (D,) or None without a semantic head}; each CE is a mean over its positions.
         """
         h = self.llm.hidden(input_embeds=self.embed(ids, pix_codes, sem_codes))  # (B, T, dim)
-        logits = self.llm.head(h)
         if text_targets is None and vis_targets is None:
-            return logits, None
+            return self.llm.head(h), None
         c = self.config
         sel = text_targets != -100
-        text = F.cross_entropy(logits[sel].float(), text_targets[sel], reduction="sum") / sel.sum().clamp(min=1)
+        logits = self.llm.head(h[sel])  # (N, vocab)
+        text = F.cross_entropy(logits.float(), text_targets[sel], reduction="sum") / sel.sum().clamp(min=1)
         vsel = vis_targets != -100
         hv, rows = h[vsel], vis_targets[vsel]  # (M, dim), (M,)
         pix_t = pix_codes[rows]                 # (M, D)
@@ -853,24 +915,19 @@ class UnifiedModel(nn.Module):
         same codes to both. -> (pix (B, D), sem (B, D) or None). temperature 0 is greedy.
         """
         B = h.shape[0] // 2 if guidance is not None else h.shape[0]
-        out = []
-        for head, codebook in ((self.pix_head, self.pix_codebook), (self.sem_head, self.sem_codebook)):
-            if head is None:
-                out.append(None)
-                continue
-            codes = torch.zeros(h.shape[0], 0, dtype=torch.long, device=h.device)
-            for _ in range(self.config.rvq_depth):
-                # the depth transformer is 8 slots long: recomputing it per depth costs less than a cache
-                logits = head(h, codebook[codes])[:, -1].float()  # (R, K)
-                if guidance is not None:
-                    cond, uncond = logits.chunk(2)
-                    logits = uncond + guidance * (cond - uncond)
-                k = sample_logits(logits, temperature, top_k, top_p, generator)  # (B,)
-                if guidance is not None:
-                    k = torch.cat((k, k))
-                codes = torch.cat((codes, k[:, None]), dim=1)
-            out.append(codes[:B])
-        return tuple(out)
+        if guidance == 1:
+            # uncond + 1·(cond − uncond) is the conditional model: the unconditional rows would only cost
+            h, guidance = h[:B], None
+
+        def draw(logits):  # (R, K) -> (R,)
+            if guidance is not None:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + guidance * (cond - uncond)
+            k = sample_logits(logits, temperature, top_k, top_p, generator)  # (B,)
+            return k if guidance is None else torch.cat((k, k))
+
+        return tuple(None if head is None else head.sample(h, codebook, draw)[:B]
+                     for head, codebook in ((self.pix_head, self.pix_codebook), (self.sem_head, self.sem_codebook)))
 
     # --- checkpoints
 
@@ -1077,6 +1134,31 @@ class WebSource:
         pass
 
 
+class LlavaSource:
+    # LLaVA-format conversations (data.LlavaDataset: multi-turn, images in user turns, text-only
+    # entries too) for the understanding samples, drawn at random with replacement by this source's
+    # own generator: its state is all a resumed run needs to draw what the straight run would have
+    def __init__(self, path, image_root, size, resample, generator):
+        self.ds, self.gen = LlavaDataset(path, image_root, size, resample), generator
+
+    @property
+    def stats(self):
+        return self.ds.stats
+
+    def take(self, k):
+        out = []
+        for i in torch.randint(len(self.ds), (k,), generator=self.gen).tolist():
+            s = self.ds[i]
+            out.append(dict(images=s["images"], conversation=s["messages"]))
+        return out
+
+    def state_dict(self):
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, state):
+        self.gen.set_state(state["generator"])
+
+
 CODES_FORMAT, CODES_VERSION = "dualtoken-codes", "1"  # code shard metadata, checked on load
 
 
@@ -1168,40 +1250,80 @@ class CodeShards:
 
 class Batcher:
     """Micro-batches of mixed generation / understanding sequences with their targets and codes.
-    Images are encoded by the frozen tokenizer here unless the records already carry codes."""
+    Images are encoded by the frozen tokenizer here unless the records already carry codes.
 
-    def __init__(self, source, enc, config, tokenizer, gen_ratio, caption_drop, batch_size, generator, device):
-        self.source, self.enc, self.special = source, enc, config.special_tokens
+    Each sample is generation with probability gen_ratio. Without und_source, both kinds come from
+    source (an understanding sample asks about a generation record's image: its conversation, or a
+    captioning turn). With und_source (LlavaSource), generation samples come from source and
+    understanding samples are und_source's conversations, loss on every assistant turn."""
+
+    def __init__(self, source, enc, config, tokenizer, gen_ratio, caption_drop, batch_size, generator, device,
+                 und_source=None):
+        self.source, self.und_source, self.enc, self.special = source, und_source, enc, config.special_tokens
         self.tokenizer, self.device = tokenizer, device
         self.gen_ratio, self.caption_drop, self.batch_size, self.gen = gen_ratio, caption_drop, batch_size, generator
-        self.n_visual = config.grid ** 2
+        self.n_visual, self.depth, self.max_len = config.grid ** 2, config.rvq_depth, config.llm.max_seq_len
 
     def next(self):
-        records = self.source.take(self.batch_size)
-        if "image" in records[0]:
-            images = torch.stack([r["image"] for r in records]).to(self.device)
-            pix, sem = self.tokenizer.encode(images)  # (B, h, w, D) each
-            for r, p, s in zip(records, pix.cpu(), sem.cpu()):
-                r["pix"], r["sem"] = p, s
+        def draws():  # (generation?, caption dropped?) per sample
+            return [(torch.rand(2, generator=self.gen) < torch.tensor([self.gen_ratio, self.caption_drop])).tolist()
+                    for _ in range(self.batch_size)]
+
+        if self.und_source is None:
+            records = self.source.take(self.batch_size)  # (before the draws: ShapesSource shares the generator)
+            kinds = draws()
+        else:
+            kinds = draws()  # first: they decide which source each sample comes from
+            n_gen = sum(g for g, _ in kinds)
+            gen_records = iter(self.source.take(n_gen) if n_gen else [])
+            und_records = iter(self.und_source.take(self.batch_size - n_gen) if n_gen < self.batch_size else [])
+            records = [next(gen_records) if g else next(und_records) for g, _ in kinds]
+        self._encode(records)
         samples = []
-        for r in records:
-            gen, drop = (torch.rand(2, generator=self.gen) < torch.tensor([self.gen_ratio, self.caption_drop])).tolist()
+        for r, (gen, drop) in zip(records, kinds):
             if gen:
                 messages = generation_messages("" if drop else r["caption"])
             else:
                 messages = r["conversation"] or understanding_messages(QUESTIONS["caption"], r["caption"])
             ids, mask = encode_chat(self.enc, messages, image_tokens=self.n_visual)
             text, vis = sequence_targets(ids, mask, self.special)
-            samples.append((ids, text, vis, r["pix"].flatten(0, 1), r["sem"].flatten(0, 1)))
+            pix, sem = r["pix"].flatten(0, -2), r["sem"].flatten(0, -2)  # (P, D): every image's positions in order
+            if len(ids) > self.max_len:
+                # a conversation longer than the context: its first max_len tokens, the codes of the pads
+                # they hold, and no target past the cut
+                L = self.max_len
+                ids, text, vis = ids[:L], text[:L - 1] + [-100], vis[:L - 1] + [-100]
+                n = ids.count(self.special["<|image_pad|>"])
+                pix, sem = pix[:n], sem[:n]
+            samples.append((ids, text, vis, pix, sem))
         batch = collate(samples, self.special["<|endoftext|>"])
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    def _encode(self, records):
+        # codes for the records that carry images instead: one tokenizer call for the whole batch
+        todo = [(r, r["images"] if "images" in r else [r["image"]]) for r in records if "pix" not in r]
+        images = [im for _, ims in todo for im in ims]
+        if images:
+            pix, sem = self.tokenizer.encode(torch.stack(images).to(self.device))  # (N, h, w, D) each
+            pix, sem = pix.flatten(1, 2).cpu(), sem.flatten(1, 2).cpu()  # (N, h·w, D)
+        i = 0
+        for r, ims in todo:  # a text-only conversation gets (0, D)
+            n = len(ims)
+            r["pix"] = pix[i:i + n].flatten(0, 1) if n else torch.zeros(0, self.depth, dtype=torch.long)
+            r["sem"] = sem[i:i + n].flatten(0, 1) if n else torch.zeros(0, self.depth, dtype=torch.long)
+            i += n
+
     def state_dict(self):
-        return {"generator": self.gen.get_state(), "source": self.source.state_dict()}
+        state = {"generator": self.gen.get_state(), "source": self.source.state_dict()}
+        if self.und_source is not None:
+            state["understanding"] = self.und_source.state_dict()
+        return state
 
     def load_state_dict(self, state):
         self.gen.set_state(state["generator"])
         self.source.load_state_dict(state["source"])
+        if self.und_source is not None:
+            self.und_source.load_state_dict(state["understanding"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1226,6 +1348,9 @@ class TrainConfig:
     n_images: int = 1_000_000        # shapes: draw from the first n training images; extract-codes: how many
     shard_size: int = 4096           # extract-codes: images per shard
     gen_ratio: float = 0.5           # share of generation samples (caption → image); the rest understanding
+    llava: str = ""                  # LLaVA-format conversations (.json / .jsonl, e.g. llava_v1_5_mix665k.json):
+                                     # the understanding samples; --data / --codes then give generation only
+    llava_images: str = ""           # the folder the LLaVA entries' image paths are relative to
     caption_drop: float = 0.1        # generation samples with an empty caption: the unconditional model of CFG
     qa_turns: int = 1                # shapes: questions per understanding conversation (1..6)
     workers: int = 4                 # DataLoader workers decoding webdataset shards
@@ -1245,7 +1370,7 @@ class TrainConfig:
     device: str = "auto"             # "auto" (cuda if available), "cpu", "cuda"
     dtype: str = "bfloat16"          # autocast dtype on CUDA ("float32" turns it off); CPU runs fp32
     compile: bool = False
-    grad_checkpointing: bool = False  # recompute LLM block activations in backward
+    grad_checkpointing: bool = False  # recompute the LLM's and the depth heads' block activations in backward
     fsdp: bool = False               # FSDP2 (fully_shard) instead of DDP, for LLMs that do not fit DDP
     seed: int = 0
     # output
@@ -1324,6 +1449,8 @@ def check_train_config(tc):
         raise UsageError(f"--freeze {tc.freeze!r}: choose from 'none', 'llm', 'heads'")
     if not 1 <= tc.qa_turns <= len(QUESTIONS):
         raise UsageError(f"--qa_turns {tc.qa_turns}: between 1 and {len(QUESTIONS)} (the question types)")
+    if bool(tc.llava) != bool(tc.llava_images):
+        raise UsageError("--llava FILE and --llava_images DIR go together")
     return tc
 
 
@@ -1424,7 +1551,9 @@ def _train(tc, model_kw, env):
                 m.requires_grad_(True)
         if tc.freeze == "llm" and model.grid_pos is not None:
             model.grid_pos.requires_grad_(True)  # an input embedding of the visual positions, like the projector
-    model.llm.grad_checkpointing = tc.grad_checkpointing
+    for part in (model.llm, model.pix_head, model.sem_head):  # the LLM's blocks and the depth heads' layers
+        if part is not None:
+            part.grad_checkpointing = tc.grad_checkpointing
     raw = model  # saved from here: unwrapped and uncompiled
     if tc.fsdp:
         mesh = init_device_mesh(device.type, (world,))
@@ -1452,7 +1581,13 @@ def _train(tc, model_kw, env):
     else:
         s = tokenizer.config.siglip
         source = WebSource(tc.data, s.image_size, s.resample, tc.seed, tc.workers)
-    batcher = Batcher(source, enc, config, tokenizer, tc.gen_ratio, tc.caption_drop, tc.batch_size, gen, device)
+    und = None
+    if tc.llava:
+        s = tokenizer.config.siglip
+        und_gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + rank + 500_009)  # apart from the batcher's
+        with reading(f"--llava {tc.llava}"):
+            und = LlavaSource(tc.llava, tc.llava_images, s.image_size, s.resample, und_gen)
+    batcher = Batcher(source, enc, config, tokenizer, tc.gen_ratio, tc.caption_drop, tc.batch_size, gen, device, und)
 
     step = 0
     if tc.resume:

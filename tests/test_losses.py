@@ -327,3 +327,20 @@ def test_semantic_loss_known_answers():
     t = torch.randn(2, 7, 16, requires_grad=True)
     losses.semantic_loss(z, t).backward()
     assert t.grad is None and z.grad is not None
+
+
+def test_lpips_checkpointing_gives_the_same_distance_and_input_gradient(lpips_model):
+    # grad_checkpointing recomputes each VGG stage in backward: same forward, same gradient
+    gen = torch.Generator().manual_seed(8)
+    x0, y = torch.rand(2, 3, 48, 48, generator=gen) * 2 - 1, torch.rand(2, 3, 48, 48, generator=gen) * 2 - 1
+    out = []
+    for ckpt in (False, True):
+        lpips_model.grad_checkpointing = ckpt
+        x = x0.clone().requires_grad_(True)
+        d = lpips_model(x, y)
+        d.sum().backward()
+        out.append((d.detach(), x.grad))
+    lpips_model.grad_checkpointing = False
+    assert torch.equal(out[0][0], out[1][0])
+    torch.testing.assert_close(out[0][1], out[1][1], atol=1e-7, rtol=1e-5)
+    assert out[0][1].abs().sum() > 0

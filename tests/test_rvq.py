@@ -225,3 +225,18 @@ def test_bench_command_runs_small():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
     assert "ms/step" in out.stdout and "peak RSS" in out.stdout
+
+
+def test_fused_search_picks_the_codes_of_the_plain_formula():
+    # nearest_code's one addmm (‖e‖² − 2 x·eᵀ) against the three-pass formula in fp64. Rows whose two
+    # nearest codes are within 1e-4 (fp32 rounding can order them either way) are left out; the
+    # rest must agree exactly, including vectors that sit next to a code.
+    gen = torch.Generator().manual_seed(6)
+    book = torch.randn(512, 32, generator=gen)
+    x = torch.cat([torch.randn(3000, 32, generator=gen), book[:100] + 1e-3 * torch.randn(100, 32, generator=gen)])
+    d = (book.double() ** 2).sum(1)[None] - 2.0 * (x.double() @ book.double().t())  # (N, K)
+    two = d.topk(2, dim=1, largest=False).values
+    clear = (two[:, 1] - two[:, 0]) > 1e-4  # no near tie between distinct codes
+    got = nearest_code(x, book)
+    assert clear.float().mean() > 0.9
+    assert torch.equal(got[clear], d.argmin(1)[clear])

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import os
 import subprocess
@@ -14,6 +15,7 @@ from data import encode_chat, load_text_tokenizer, shapes_sample, to_tensor  # n
 from sample import answer, generate_codes, image_grid, image_prompt, left_pad  # noqa: E402
 from tokenizer import TOKENIZER_PRESETS, DualTokenizer  # noqa: E402
 from unified import Qwen2Config, UnifiedConfig, UnifiedModel  # noqa: E402
+from bench import recompute_sample_codes  # noqa: E402  (the depth sampler of before)
 
 
 def tiny_tokenizer_config():
@@ -44,9 +46,11 @@ def ckpt(tmp_path_factory):
     return str(path), model, tok, load_text_tokenizer("bytes")
 
 
-def reference_codes(model, enc, captions, cfg, temperature, seed):
+def reference_codes(model, enc, captions, cfg, temperature, seed, sample_codes=None):
     # No cache: at each position recompute the whole prefix (prompt + every visual position drawn
-    # so far) from scratch, then draw that position's codes exactly as the sampler does.
+    # so far) from scratch, then draw that position's codes exactly as the sampler does (or with
+    # sample_codes(model, h, cfg, temperature, top_k, top_p, generator)).
+    sample_codes = sample_codes or (lambda m, *a: m.sample_codes(*a))
     special = model.config.special_tokens
     rows = [image_prompt(enc, special, c) for c in captions]
     if cfg is not None:
@@ -62,7 +66,7 @@ def reference_codes(model, enc, captions, cfg, temperature, seed):
         else:
             x = model.embed(ids)
         h = model.llm.hidden(input_embeds=x, key_mask=key_mask)[:, -1]
-        a, b = model.sample_codes(h, cfg, temperature, None, None, gen)
+        a, b = sample_codes(model, h, cfg, temperature, None, None, gen)
         pix.append(a)
         sem.append(b)
     g = model.config.grid
@@ -79,6 +83,22 @@ def test_cached_sampling_equals_full_recompute(ckpt, cfg):
     ref_pix, ref_sem = reference_codes(model, enc, captions, cfg, 1.0, seed=7)
     assert pix.shape == (2, 4, 4, 4)
     assert torch.equal(pix, ref_pix) and torch.equal(sem, ref_sem)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cfg", [None, 1.0, 3.0])
+def test_greedy_codes_equal_the_uncached_sampler_of_before(ckpt, cfg):
+    # The fast path (LLM cache read up to the filled prefix with K/V heads shared, not copied; depth
+    # heads cached over their slots with one classifier per depth; no unconditional rows at cfg 1)
+    # against the full recompute of both with the old depth sampler, which still runs the
+    # unconditional rows at cfg 1. In float64, so the different summation orders cannot flip an argmax.
+    _, model, _, enc = ckpt
+    model = copy.deepcopy(model).double()
+    captions = ["a small red circle at the top on a white background", "a large blue square"]
+    pix, sem = generate_codes(model, enc, captions, cfg=cfg, temperature=0.0)
+    ref_pix, ref_sem = reference_codes(model, enc, captions, cfg, 0.0, seed=0, sample_codes=recompute_sample_codes)
+    assert torch.equal(pix, ref_pix) and torch.equal(sem, ref_sem)
+    assert len(set(pix.flatten().tolist())) > 4  # a random model draws varied codes: not a vacuous match
 
 
 @torch.no_grad()
@@ -455,3 +475,34 @@ def test_cli_reader_grid_writes_the_verdicts_picture(ckpt, tmp_path):
     assert r.returncode == 2 and "--eval does not apply to --reader_grid" in r.stderr
     r = run_cli("--ckpt", ckpt[0], "--reader_grid", "x.png", "--figure", "y.png", "--device", "cpu")
     assert r.returncode == 2 and "does not apply to --figure" in r.stderr
+
+
+@torch.no_grad()
+def test_compiled_steps_read_a_rounded_prefix_and_draw_the_same_codes(ckpt, monkeypatch):
+    # compile_steps with torch.compile left out (compiling takes minutes on a busy CPU): what remains
+    # is the wrapper that rounds the LLM's cache reads up to kv_round slots, the mask hiding the extra.
+    import sample
+    from unified import KVCache
+    _, model, tok, enc = ckpt
+    captions = ["a small red circle at the top on a white background", "a large blue square"]
+    want = generate_codes(model, enc, captions, cfg=3.0, temperature=0.0)
+    model = copy.deepcopy(model)
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    sample.compile_steps(model, torch.device("cpu"), kv_round=8)
+    reads, update = [], KVCache.update
+
+    def recording(self, input_pos, k, v, kv_len=None):
+        if self.k.shape[2] > model.config.rvq_depth:  # the LLM's cache, not a depth head's
+            reads.append((kv_len, self.k.shape[2]))
+        return update(self, input_pos, k, v, kv_len)
+
+    monkeypatch.setattr(KVCache, "update", recording)
+    got = generate_codes(model, enc, captions, cfg=3.0, temperature=0.0)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert all(n % 8 == 0 or n == size for n, size in reads) and len({n for n, _ in reads}) > 1
+    # image → text through the same wrapper (no padding there: it adds the mask itself)
+    image, question = to_tensor(shapes_sample(5)["image"], size=32), "What shape is in the image?"
+    want = answer(ckpt[1], enc, tok, image, question, max_new_tokens=12)
+    reads.clear()
+    assert answer(model, enc, tok, image, question, max_new_tokens=12) == want
+    assert reads and all(n % 8 == 0 or n == size for n, size in reads)

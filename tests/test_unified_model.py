@@ -276,10 +276,12 @@ def test_losses_read_exactly_the_target_positions():
     model = tiny_model()
     b = make_batch(("gen", "und"))
     with torch.no_grad():
-        logits, losses = run(model, b)
+        target_logits, losses = run(model, b)
+        logits, _ = model(b["ids"], b["pix_codes"], b["sem_codes"])  # (B, T, vocab): every position
         h = model.llm.hidden(input_embeds=model.embed(b["ids"], b["pix_codes"], b["sem_codes"]))
-    # text: CE over the target positions only
+    # text: CE over the target positions only, whose logits are the ones returned with targets
     sel = b["text_targets"] != -100
+    torch.testing.assert_close(target_logits, logits[sel], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(losses["text"], F.cross_entropy(logits[sel], b["text_targets"][sel]))
     # visual, by hand: the hidden state at <|vision_start|> and at visual positions 0..P-2 of the
     # generated image (row 0), against the codes of visual positions 0..P-1
@@ -307,6 +309,28 @@ def test_losses_read_exactly_the_target_positions():
         weighted = run(model, b)[1]["loss"]
     expected = losses["text"] + sum(losses[k][0] + 0.25 * losses[k][1:].sum() for k in ("pix", "sem"))
     torch.testing.assert_close(weighted, expected)
+
+
+def test_text_logits_at_target_positions_only_give_the_full_logits_loss_and_gradients():
+    # forward with targets runs the vocabulary projection at the text-target positions only; the
+    # loss and every gradient must be those of the full (B, T, vocab) computation (fp32, same ops up
+    # to the row selection: 1e-6 relative)
+    b = make_batch(("gen", "und", "gen"))
+    out = []
+    for full in (False, True):
+        model = tiny_model().train()
+        if full:
+            logits, _ = model(b["ids"], b["pix_codes"], b["sem_codes"])  # (B, T, vocab)
+            sel = b["text_targets"] != -100
+            loss = F.cross_entropy(logits[sel].float(), b["text_targets"][sel])
+        else:
+            loss = run(model, b)[1]["text"]
+        loss.backward()
+        out.append((loss.detach(), [p.grad for p in model.llm.parameters()]))
+    torch.testing.assert_close(out[0][0], out[1][0], atol=0, rtol=1e-6)
+    for g0, g1 in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(g0, g1, atol=1e-8, rtol=1e-5)
+    assert 0 < (b["text_targets"] != -100).float().mean() < 0.5  # most positions are not text targets
 
 
 def test_a_batch_without_generation_still_gives_every_head_parameter_a_gradient():
@@ -488,7 +512,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
         model = tiny_model().train()
-        model.llm.grad_checkpointing = ckpt
+        model.llm.grad_checkpointing = model.pix_head.grad_checkpointing = model.sem_head.grad_checkpointing = ckpt
         run(model, b)[1]["loss"].backward()
         grads.append([p.grad for p in model.parameters()])
     for g0, g1 in zip(*grads):
@@ -667,3 +691,78 @@ def test_input_norms_known_answers():
     root = dim ** 0.5
     assert r == pytest.approx({"text": 0.5 * root, "visual": 1.5 * root, "grid_pos": 2 * root,
                                "visual_input": 3.5 * root}, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# LLaVA conversations as the understanding samples (--llava)
+
+def llava_files(tmp_path):
+    from PIL import Image
+    (tmp_path / "img").mkdir()
+    for name, color in (("r.png", (220, 40, 40)), ("b.png", (40, 80, 220))):
+        Image.new("RGB", (64, 64), color).save(tmp_path / "img" / name)
+    entries = [
+        {"id": "multi", "image": "r.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "Red."},
+            {"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "A square."}]},
+        {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+        {"id": "two", "image": ["r.png", "b.png"], "conversations": [
+            {"from": "human", "value": "<image> or <image>?"}, {"from": "gpt", "value": "Both."}]},
+        {"id": "long", "image": "b.png", "conversations": [
+            {"from": "human", "value": "<image>\nTell me everything."}, {"from": "gpt", "value": "blue " * 80}]},
+    ]
+    (tmp_path / "llava.json").write_text(json.dumps(entries))
+    return str(tmp_path / "llava.json"), str(tmp_path / "img")
+
+
+def llava_batcher(path, root, gen_ratio, seed=0, batch_size=8):
+    gen = torch.Generator().manual_seed(seed)  # shared by the batcher and ShapesSource, as in training
+    und = U.LlavaSource(path, root, 64, "bicubic", torch.Generator().manual_seed(seed + 1))
+    return U.Batcher(U.ShapesSource(200, gen), ENC, tiny_config(), tiny_tokenizer(), gen_ratio, 0.0, batch_size,
+                     gen, "cpu", und)
+
+
+def test_llava_conversations_are_the_understanding_samples_with_loss_on_assistant_turns_only(tmp_path):
+    path, root = llava_files(tmp_path)
+    model = tiny_model()
+    answers = {"Red.<|im_end|>A square.<|im_end|>", "Hello.<|im_end|>", "Both.<|im_end|>"}
+    kinds = []
+    for seed in range(3):
+        b = llava_batcher(path, root, 0.5, seed).next()
+        with torch.no_grad():
+            run(model, b)  # embed checks that the batch's codes are exactly one row per <|image_pad|>
+        for row in range(b["ids"].shape[0]):
+            ids, text, vis = b["ids"][row], b["text_targets"][row], b["vis_targets"][row]
+            said = ENC.decode([t for t in text.tolist() if t != -100])
+            if (vis != -100).any():  # generation: the shapes image after a caption
+                kinds.append("gen")
+                assert said == "<|vision_start|><|vision_end|><|im_end|>"
+            else:  # a LLaVA conversation: every assistant turn is a target, no user text is
+                kinds.append("und")
+                full = "blue " * 80 + "<|im_end|>"  # "long": longer than the context of 256, cut there
+                assert said in answers or (full.startswith(said) and len(said) > 100 and len(ids) == 256), said
+    assert "gen" in kinds and "und" in kinds
+    # the ratio flag: all generation at 1, all conversations at 0
+    assert (llava_batcher(path, root, 1.0).next()["vis_targets"] != -100).any(1).all()
+    assert not (llava_batcher(path, root, 0.0).next()["vis_targets"] != -100).any()
+
+
+def test_llava_batches_resume_exactly(tmp_path):
+    path, root = llava_files(tmp_path)
+    a = llava_batcher(path, root, 0.5)
+    a.next()
+    state = a.state_dict()
+    want = a.next()
+    b = llava_batcher(path, root, 0.5, seed=5)
+    b.load_state_dict(state)
+    got = b.next()
+    assert all(torch.equal(want[k], got[k]) for k in ("ids", "text_targets", "vis_targets", "pix_codes"))
+
+
+def test_training_with_llava_runs_and_refuses_half_the_flags(tmp_path, tokenizer_dir):
+    path, root = llava_files(tmp_path)
+    model = U.train(train_config(tmp_path / "run", tokenizer_dir, llava=path, llava_images=root, max_steps=2),
+                    dict(TINY_MODEL_KW))
+    assert isinstance(model, U.UnifiedModel)
+    with pytest.raises(U.UsageError, match="go together"):
+        U.train(train_config(tmp_path / "run2", tokenizer_dir, llava=path, max_steps=1), dict(TINY_MODEL_KW))
