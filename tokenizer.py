@@ -2161,7 +2161,7 @@ def train_teacher(cfg, env):
                     "  ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items() if " by caption" not in k))
                 if any(" by caption" in k for k in acc):
                     log(f"step {step} | best of the 972 captions ({name}): " +
-                        "  ".join(f"{k[:-11]} {100 * v:.1f}%" for k, v in acc.items() if " by caption" in k))
+                        "  ".join(f"{k.removesuffix(' by caption')} {100 * v:.1f}%" for k, v in acc.items() if " by caption" in k))
             t0 += time.time() - t_aside
         if env.master and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             state = {"format": TRAIN_STATE_FORMAT, "stage": "teacher", "step": step, "config": asdict(cfg),
