@@ -211,9 +211,9 @@ def eval_prompts(split, n, seed=0):
 @torch.no_grad()
 def evaluate_shapes(model, enc, tokenizer, n_prompts=36, n_images=60, cfg=3.0, temperature=1.0,
                     batch=18, seed=0, out_dir=None, progress=True, n_recon=120, top_k=None, top_p=None,
-                    per_prompt=1):
+                    per_prompt=1, split="all"):
     """-> {"gen": {split: {attr: accuracy, "all": ...}}, "und": {question type: accuracy},
-           "recon": {attr: accuracy, "all": ...}}.
+           "und_split": "heldout" or "train", "recon": {attr: accuracy, "all": ...}}.
 
     Generation: per_prompt images per fixed prompt (train combinations, and all held-out ones),
     decoded and read back by data.read_shapes; an attribute counts when the reader finds what the
@@ -222,33 +222,43 @@ def evaluate_shapes(model, enc, tokenizer, n_prompts=36, n_images=60, cfg=3.0, t
     Understanding: every question type on n_images held-out images, exact match after lower-casing.
     Reconstruction: n_recon held-out images encoded and decoded by the tokenizer, read back the same
     way — what generation would score with perfect codes, the tokenizer's ceiling for it.
+    split "train": settings are chosen here, so nothing held out is looked at: generation on the
+    train prompts only, understanding on unseen training-split images, no reconstruction.
     """
+    if split not in ("all", "train"):
+        raise ValueError(f"split must be 'all' or 'train', got {split!r}")
     gen = torch.Generator(device=model.pix_codebook.device).manual_seed(seed)
-    results = {"gen": {}, "und": {}}
-    for split, n in (("train", n_prompts), ("heldout", len(HELDOUT))):
-        prompts = [p for p in eval_prompts(split, n, seed) for _ in range(per_prompt)]
+    und_split = "heldout" if split == "all" else "train"
+    results = {"gen": {}, "und": {}, "und_split": und_split}
+    gen_splits = (("train", n_prompts), ("heldout", len(HELDOUT)))[: 2 if split == "all" else 1]
+    for split_, n in gen_splits:
+        prompts = [p for p in eval_prompts(split_, n, seed) for _ in range(per_prompt)]
         images = []
-        for i in tqdm(range(0, len(prompts), batch), desc=f"generate {split}", disable=not progress):
+        for i in tqdm(range(0, len(prompts), batch), desc=f"generate {split_}", disable=not progress):
             chunk = prompts[i:i + batch]
             pix, _ = generate_codes(model, enc, [shapes_caption(a) for a in chunk], cfg, temperature,
                                     top_k, top_p, generator=gen)
             images.append(tokenizer.decode(pix).float().cpu())
         images = torch.cat(images)
-        results["gen"][split] = read_back_accuracy(prompts, images)
+        results["gen"][split_] = read_back_accuracy(prompts, images)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
             ncol = per_prompt * max(1, 12 // per_prompt)  # a prompt's images side by side, ~12 a row
-            image_grid(images, ncol=ncol).save(os.path.join(out_dir, f"eval_{split}.png"))
+            image_grid(images, ncol=ncol).save(os.path.join(out_dir, f"eval_{split_}.png"))
     size, resample = tokenizer.config.siglip.image_size, tokenizer.config.siglip.resample
-    # the held-out images both parts read (understanding: the first n_images; reconstruction: n_recon)
-    heldout = [shapes_sample(i, seed=seed, split="heldout") for i in range(max(n_images, n_recon))]
+    if und_split == "train":  # training-split images from a stream training never draws (seed + 1000)
+        n_recon, heldout = 0, [shapes_sample(i, seed=seed + 1000) for i in range(n_images)]
+    else:  # the held-out images both parts read (understanding: the first n_images; reconstruction: n_recon)
+        heldout = [shapes_sample(i, seed=seed, split="heldout") for i in range(max(n_images, n_recon))]
     hits = {k: 0 for k in QUESTIONS}
-    for s in tqdm(heldout[:n_images], desc="answer heldout", disable=not progress):
+    for s in tqdm(heldout[:n_images], desc=f"answer {und_split}", disable=not progress):
         x = to_tensor(s["image"], size, resample)
         for (q, a), k in zip(s["qa"], QUESTIONS):
             got = answer(model, enc, tokenizer, x, q, max_new_tokens=len(a) + 8)
             hits[k] += got.strip().lower() == a.lower()
     results["und"] = {k: hits[k] / n_images for k in hits}
+    if not n_recon:
+        return results
     samples = heldout[:n_recon]
     images = []
     for i in tqdm(range(0, n_recon, 2 * batch), desc="reconstruct heldout", disable=not progress):
@@ -265,7 +275,8 @@ def format_results(r):
     for split, acc in r["gen"].items():
         lines.append(f"  {split:<35}" + "  ".join(f"{100 * acc[a]:>9.1f}%" for a in ATTRS + ("all",))
                      + f"  {100 * acc['bg_dirty']:>9.2f}%")
-    lines.append("understanding (held-out images)      " + "  ".join(f"{k:>10}" for k in r["und"]))
+    where = "held-out" if r.get("und_split", "heldout") == "heldout" else "train-split"
+    lines.append(f"{f'understanding ({where} images)':<37}" + "  ".join(f"{k:>10}" for k in r["und"]))
     lines.append(" " * 37 + "  ".join(f"{100 * v:>9.1f}%" for v in r["und"].values()))
     if "recon" in r:
         lines.append(f"{'tokenizer ceiling (held-out images':<37}" + "  ".join(f"{a:>10}" for a in ATTRS + ("all",)))
@@ -432,6 +443,8 @@ def reader_grid(model, enc, tokenizer, cfg=1.0, temperature=0.4, seed=0, scale=2
 class SampleConfig:
     prompt: str = ""              # text → image: the caption; with --image: the question
     eval: str = ""                # "shapes": the benchmark table (generation + understanding)
+    split: str = "all"            # --eval: "all" (the table) or "train", where settings are chosen:
+                                  # train prompts and unseen training-split images, nothing held out
     image: str = ""               # image → text: the image to read
     ckpt: str = DEFAULT_CKPT      # a UnifiedModel.save_pretrained directory
     num_samples: int = 4          # text → image and --eval: images per prompt
@@ -465,6 +478,8 @@ def parse_args(argv=None):
 
 
 def check_flags(cfg, given):
+    if "split" in given and not cfg.eval:
+        raise UsageError("--split applies to --eval shapes only")
     if cfg.figure or cfg.reader_grid:
         mode = "figure" if cfg.figure else "reader_grid"
         wrong = [k for k in ("prompt", "image", "eval", "figure", "reader_grid") if k in given and k != mode]
@@ -473,6 +488,8 @@ def check_flags(cfg, given):
     elif cfg.eval:
         if cfg.eval != "shapes":
             raise UsageError(f"--eval {cfg.eval!r}: the only benchmark is 'shapes'")
+        if cfg.split not in ("all", "train"):
+            raise UsageError(f"--split {cfg.split!r}: 'all' or 'train'")
         wrong = [k for k in ("prompt", "image") if k in given]
         if wrong:
             raise UsageError(f"--{wrong[0]} does not apply to --eval")
@@ -586,7 +603,8 @@ def run(cfg, given, model, enc, tokenizer, device):
     if cfg.eval:
         t0 = time.perf_counter()
         r = evaluate_shapes(model, enc, tokenizer, cfg=cfg.cfg, temperature=cfg.temperature, seed=cfg.seed,
-                            out_dir=cfg.out, top_k=top_k, top_p=top_p, per_prompt=cfg.num_samples)
+                            out_dir=cfg.out, top_k=top_k, top_p=top_p, per_prompt=cfg.num_samples,
+                            split=cfg.split)
         print(format_results(r))
         extra = "".join(f", {k} {v}" for k, v in (("top_k", top_k), ("top_p", top_p)) if v is not None)
         print(f"({time.perf_counter() - t0:.0f} s; {cfg.num_samples} images per prompt, cfg {cfg.cfg}, "

@@ -211,6 +211,8 @@ def test_cli_image_to_text(ckpt, tmp_path):
     (["--prompt", "x", "--image", "IMG", "--cfg", "2"], "--cfg applies to text → image"),
     (["--prompt", "x", "--max_new_tokens", "3"], "--max_new_tokens applies to --image"),
     (["--prompt", "x", "--cfg", "-2"], "--cfg must be ≥ 0"),
+    (["--prompt", "x", "--split", "train"], "--split applies to --eval"),
+    (["--eval", "shapes", "--split", "heldout"], "--split 'heldout'"),
     ([], "nothing to do"),
     (["--image", "NOTIMG"], "cannot read image"),
     (["--prompt", "a " * 250], "exceeds the model's context"),  # known words: no vocabulary warning
@@ -307,6 +309,49 @@ def test_evaluate_shapes_scores_known_answers(monkeypatch):
     assert [line.split()[-1] for line in lines[1:3]] == ["0.00%", "0.00%"]
     r["gen"]["train"]["bg_dirty"] = 0.0123
     assert sample.format_results(r).splitlines()[1].endswith(" 1.23%")
+
+
+def test_evaluate_shapes_train_split_looks_at_nothing_held_out(monkeypatch):
+    # --split train is where settings are chosen: train prompts only, understanding on training-split
+    # images of a stream training never draws (ShapesSource reads seed 0), no reconstruction
+    import sample
+    from data import HELDOUT, QUESTIONS, shapes_sample
+
+    drawn, read = [], []
+
+    def fake_codes(model, enc, captions, *args, **kw):
+        drawn.extend(captions)
+        return torch.zeros(len(captions)), None
+
+    class FakeTokenizer:
+        class config:
+            class siglip:
+                image_size, resample = 64, "bicubic"
+
+        def decode(self, codes):
+            return torch.zeros(len(codes), 3, 64, 64)
+
+    class FakeModel:
+        pix_codebook = torch.zeros(1)
+
+    def fake_sample(i, seed=0, split="train"):
+        read.append((seed, split))
+        return shapes_sample(i, seed=seed, split=split)
+
+    monkeypatch.setattr(sample, "generate_codes", fake_codes)
+    monkeypatch.setattr(sample, "shapes_sample", fake_sample)
+    monkeypatch.setattr(sample, "answer", lambda *a, **k: "?")
+    r = sample.evaluate_shapes(FakeModel(), None, FakeTokenizer(), n_prompts=6, n_images=5, progress=False,
+                               split="train")
+    assert list(r["gen"]) == ["train"] and len(drawn) == 6 and r["und_split"] == "train"
+    assert "recon" not in r and set(r["und"]) == set(QUESTIONS)
+    assert len(read) == 5 and all(split == "train" and seed != 0 for seed, split in read)
+    held = {sample.shapes_caption(dict(shape=s, color=c, where=w, size=z, background=b))
+            for c, s, w in HELDOUT for z in sample.SIZES for b in sample.BACKGROUNDS}
+    assert not held & set(drawn)
+    assert "understanding (train-split images)" in sample.format_results(r)
+    with pytest.raises(ValueError, match="split"):
+        sample.evaluate_shapes(FakeModel(), None, FakeTokenizer(), split="heldout")
 
 
 def test_shipped_checkpoint_loads_and_draws_the_default_prompt():
