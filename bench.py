@@ -23,6 +23,7 @@ skips its line.
 """
 
 import argparse
+import copy
 import statistics
 import time
 import weakref
@@ -148,11 +149,19 @@ def bench_decode(args):
     def mine():
         return ours.generate(idx, n)
 
-    same = torch.equal(theirs(), mine())
-    t_hf, t_ours = timed([theirs, mine], args.reps)
+    fns, same = [theirs, mine], torch.equal(theirs(), mine())
+    if args.compile:  # sample.py --compile's cached step; compiled before timing (one warm-up call)
+        from sample import compile_llm_step
+        fast = copy.deepcopy(ours)
+        compile_llm_step(fast, idx.device)
+        fns.append(lambda: fast.generate(idx, n))
+        same = same and torch.equal(fns[-1](), mine())
+    t = timed(fns, args.reps)
     print(f"(ii) greedy decode [{args.decode_llm}, prompt "
-          f"{args.prompt_len}, {n} new tokens, batch 1]: ours {1e3 * t_ours / n:.1f} ms/token, transformers "
-          f"{1e3 * t_hf / n:.1f} ms/token = {t_ours / t_hf:.2f}× (same tokens: {'yes' if same else 'NO'})")
+          f"{args.prompt_len}, {n} new tokens, batch 1]: ours {1e3 * t[1] / n:.1f} ms/token, transformers "
+          f"{1e3 * t[0] / n:.1f} ms/token = {t[1] / t[0]:.2f}×"
+          + (f"; compiled {1e3 * t[2] / n:.1f} ms/token = {t[2] / t[0]:.2f}×" if args.compile else "")
+          + f" (same tokens: {'yes' if same else 'NO'})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,6 +426,7 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=2, help="(i): 2 = one image with CFG, 1 = without")
     p.add_argument("--context", type=int, default=256, help="(i): cached positions before the step")
     p.add_argument("--decode_llm", default="shapes", help="Qwen2 preset of (ii) (qwen2.5-0.5b: ~2 min on a CPU)")
+    p.add_argument("--compile", action="store_true", help="(ii): also the torch.compile'd step of sample.py --compile")
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--siglip", default="so400m")

@@ -521,14 +521,13 @@ def cpu_threads(flag, environ=os.environ):
     return int(env) if env.isdigit() and int(env) > 0 else 1
 
 
-def compile_steps(model, device, kv_round=64):
-    """torch.compile the per-position work: the LLM's cached step and each depth head's slot step.
-    On CUDA in "reduce-overhead" mode (CUDA graphs replay a step without per-kernel launches, as in
-    LlamaGen); a graph is recorded per shape, so the LLM's attention reads its filled prefix rounded
-    up to kv_round slots (≈13 shapes for 729 positions), a padding mask hiding the extra slots.
-    Each head's slot step has one shape per depth."""
+def compile_llm_step(llm, device, kv_round=64):
+    """torch.compile a Qwen2's cached step in place (its generate, answers and image positions use
+    it). On CUDA in "reduce-overhead" mode (CUDA graphs replay a step without per-kernel launches,
+    as in LlamaGen); a graph is recorded per shape, so attention reads the filled prefix rounded up
+    to kv_round slots (≈13 shapes for 729 positions), a padding mask hiding the extra slots."""
     mode = "reduce-overhead" if device.type == "cuda" else None
-    llm, step = model.llm, torch.compile(model.llm.hidden, mode=mode)
+    step = torch.compile(llm.hidden, mode=mode)
 
     def hidden(idx=None, input_embeds=None, input_pos=None, key_mask=None, kv_len=None):
         if input_pos is not None and kv_len is not None:
@@ -539,6 +538,13 @@ def compile_steps(model, device, kv_round=64):
         return step(idx, input_embeds, input_pos, key_mask, kv_len)
 
     llm.hidden = hidden
+    return mode
+
+
+def compile_steps(model, device, kv_round=64):
+    """torch.compile the per-position work: the LLM's cached step (compile_llm_step) and each depth
+    head's slot step, which has one shape per depth."""
+    mode = compile_llm_step(model.llm, device, kv_round)
     for head in (model.pix_head, model.sem_head):
         if head is not None:
             head.slot = torch.compile(head.slot, mode=mode)
