@@ -1381,7 +1381,7 @@ class TrainConfig:
 
 
 TRAIN_PRESETS = {
-    # The CPU demo on the shapes benchmark: ~37 min on 2 cores (2 processes × batch 8), what the
+    # The CPU demo on the shapes benchmark: 36-54 min on 2 cores (2 processes × batch 8; §12), what the
     # one-hour pipeline leaves; more steps generate better and lr 1e-3 learns fastest (EXPERIMENTS.md, §4).
     "shapes": dict(model="shapes", data="shapes", n_images=100_000, batch_size=16, max_steps=3000,
                    qa_turns=3, lr=1e-3, min_lr=1e-4, warmup=30, workers=0,
