@@ -523,11 +523,13 @@ def cpu_threads(flag, environ=os.environ):
 
 def compile_llm_step(llm, device, kv_round=64):
     """torch.compile a Qwen2's cached step in place (its generate, answers and image positions use
-    it). On CUDA in "reduce-overhead" mode (CUDA graphs replay a step without per-kernel launches,
+    it) -> the torch.compile arguments, for the depth heads' steps. On CUDA in "reduce-overhead" mode (CUDA graphs replay a step without per-kernel launches,
     as in LlamaGen); a graph is recorded per shape, so attention reads the filled prefix rounded up
     to kv_round slots (≈13 shapes for 729 positions), a padding mask hiding the extra slots."""
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    step = torch.compile(llm.hidden, mode=mode)
+    # a CPU step calls its kernels from generated C++ (cpp_wrapper), not from Python: 0.43-0.46x
+    # transformers' greedy decode instead of 0.48-0.51x at the shapes preset (bench.py --compile)
+    kw = dict(mode="reduce-overhead") if device.type == "cuda" else dict(options={"cpp_wrapper": True})
+    step = torch.compile(llm.hidden, **kw)
 
     def hidden(idx=None, input_embeds=None, input_pos=None, key_mask=None, kv_len=None):
         if input_pos is not None and kv_len is not None:
@@ -538,16 +540,16 @@ def compile_llm_step(llm, device, kv_round=64):
         return step(idx, input_embeds, input_pos, key_mask, kv_len)
 
     llm.hidden = hidden
-    return mode
+    return kw
 
 
 def compile_steps(model, device, kv_round=64):
     """torch.compile the per-position work: the LLM's cached step (compile_llm_step) and each depth
     head's slot step, which has one shape per depth."""
-    mode = compile_llm_step(model.llm, device, kv_round)
+    kw = compile_llm_step(model.llm, device, kv_round)
     for head in (model.pix_head, model.sem_head):
         if head is not None:
-            head.slot = torch.compile(head.slot, mode=mode)
+            head.slot = torch.compile(head.slot, **kw)
 
 
 def load(ckpt, device):
