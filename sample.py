@@ -192,6 +192,7 @@ def answer(model, enc, tokenizer, image, question, max_new_tokens=64, temperatur
 # understanding on held-out images
 
 ATTRS = ("shape", "color", "size", "where", "background")
+EVAL_SPLITS = ("all", "train")  # --split: the whole table, or only what settings may be chosen on
 
 
 def eval_prompts(split, n, seed=0):
@@ -225,33 +226,33 @@ def evaluate_shapes(model, enc, tokenizer, n_prompts=36, n_images=60, cfg=3.0, t
     split "train": settings are chosen here, so nothing held out is looked at: generation on the
     train prompts only, understanding on unseen training-split images, no reconstruction.
     """
-    if split not in ("all", "train"):
-        raise ValueError(f"split must be 'all' or 'train', got {split!r}")
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
     gen = torch.Generator(device=model.pix_codebook.device).manual_seed(seed)
     und_split = "heldout" if split == "all" else "train"
     results = {"gen": {}, "und": {}, "und_split": und_split}
-    gen_splits = (("train", n_prompts), ("heldout", len(HELDOUT)))[: 2 if split == "all" else 1]
-    for split_, n in gen_splits:
-        prompts = [p for p in eval_prompts(split_, n, seed) for _ in range(per_prompt)]
+    gen_splits = [("train", n_prompts)] + ([("heldout", len(HELDOUT))] if split == "all" else [])
+    for name, n in gen_splits:
+        prompts = [p for p in eval_prompts(name, n, seed) for _ in range(per_prompt)]
         images = []
-        for i in tqdm(range(0, len(prompts), batch), desc=f"generate {split_}", disable=not progress):
+        for i in tqdm(range(0, len(prompts), batch), desc=f"generate {name}", disable=not progress):
             chunk = prompts[i:i + batch]
             pix, _ = generate_codes(model, enc, [shapes_caption(a) for a in chunk], cfg, temperature,
                                     top_k, top_p, generator=gen)
             images.append(tokenizer.decode(pix).float().cpu())
         images = torch.cat(images)
-        results["gen"][split_] = read_back_accuracy(prompts, images)
+        results["gen"][name] = read_back_accuracy(prompts, images)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
             ncol = per_prompt * max(1, 12 // per_prompt)  # a prompt's images side by side, ~12 a row
-            image_grid(images, ncol=ncol).save(os.path.join(out_dir, f"eval_{split_}.png"))
+            image_grid(images, ncol=ncol).save(os.path.join(out_dir, f"eval_{name}.png"))
     size, resample = tokenizer.config.siglip.image_size, tokenizer.config.siglip.resample
     if und_split == "train":  # training-split images from a stream training never draws (seed + 1000)
-        n_recon, heldout = 0, [shapes_sample(i, seed=seed + 1000) for i in range(n_images)]
+        n_recon, samples = 0, [shapes_sample(i, seed=seed + 1000) for i in range(n_images)]
     else:  # the held-out images both parts read (understanding: the first n_images; reconstruction: n_recon)
-        heldout = [shapes_sample(i, seed=seed, split="heldout") for i in range(max(n_images, n_recon))]
+        samples = [shapes_sample(i, seed=seed, split="heldout") for i in range(max(n_images, n_recon))]
     hits = {k: 0 for k in QUESTIONS}
-    for s in tqdm(heldout[:n_images], desc=f"answer {und_split}", disable=not progress):
+    for s in tqdm(samples[:n_images], desc=f"answer {und_split}", disable=not progress):
         x = to_tensor(s["image"], size, resample)
         for (q, a), k in zip(s["qa"], QUESTIONS):
             got = answer(model, enc, tokenizer, x, q, max_new_tokens=len(a) + 8)
@@ -259,7 +260,7 @@ def evaluate_shapes(model, enc, tokenizer, n_prompts=36, n_images=60, cfg=3.0, t
     results["und"] = {k: hits[k] / n_images for k in hits}
     if not n_recon:
         return results
-    samples = heldout[:n_recon]
+    samples = samples[:n_recon]
     images = []
     for i in tqdm(range(0, n_recon, 2 * batch), desc="reconstruct heldout", disable=not progress):
         x = torch.stack([to_tensor(s["image"], size, resample) for s in samples[i:i + 2 * batch]])
@@ -488,8 +489,8 @@ def check_flags(cfg, given):
     elif cfg.eval:
         if cfg.eval != "shapes":
             raise UsageError(f"--eval {cfg.eval!r}: the only benchmark is 'shapes'")
-        if cfg.split not in ("all", "train"):
-            raise UsageError(f"--split {cfg.split!r}: 'all' or 'train'")
+        if cfg.split not in EVAL_SPLITS:
+            raise UsageError(f"--split {cfg.split!r}: one of {', '.join(EVAL_SPLITS)}")
         wrong = [k for k in ("prompt", "image") if k in given]
         if wrong:
             raise UsageError(f"--{wrong[0]} does not apply to --eval")
@@ -523,9 +524,10 @@ def cpu_threads(flag, environ=os.environ):
 
 def compile_llm_step(llm, device, kv_round=64):
     """torch.compile a Qwen2's cached step in place (its generate, answers and image positions use
-    it) -> the torch.compile arguments, for the depth heads' steps. On CUDA in "reduce-overhead" mode (CUDA graphs replay a step without per-kernel launches,
-    as in LlamaGen); a graph is recorded per shape, so attention reads the filled prefix rounded up
-    to kv_round slots (≈13 shapes for 729 positions), a padding mask hiding the extra slots."""
+    it) -> the torch.compile arguments, for the depth heads' steps. On CUDA in "reduce-overhead"
+    mode (CUDA graphs replay a step without per-kernel launches, as in LlamaGen); a graph is
+    recorded per shape, so attention reads the filled prefix rounded up to kv_round slots (≈13
+    shapes for 729 positions), a padding mask hiding the extra slots."""
     # a CPU step calls its kernels from generated C++ (cpp_wrapper), not from Python: 0.43-0.46x
     # transformers' greedy decode instead of 0.48-0.51x at the shapes preset (bench.py --compile)
     kw = dict(mode="reduce-overhead") if device.type == "cuda" else dict(options={"cpp_wrapper": True})
