@@ -1,25 +1,27 @@
 """
 Speed and memory figures of the DualToken reference, each against a reference measured in the same run.
 
-    python bench.py                                   # (i)-(iv) at CPU-sized shapes, one line each
-    python bench.py --only position,decode            # some of them
+    python bench.py                                   # (i)-(iv) at CPU-sized shapes, ours only, one line each
+    python bench.py --compare                         # each against its reference, same weights, same run
+    python bench.py --only position,decode --compare  # some of them
     python bench.py --memory stage1:so400m --batch_size 32 --grad_checkpointing
     python bench.py --memory stage2:dualtoken-3b --batch_size 8 --seq_len 821 --grad_checkpointing --world 8 --fsdp
 
 (i) position: one text→image position (the LLM step + both depth heads drawing their D codes, CFG
     rows) against one text token (LLM step + vocabulary head) at the same shapes and rows; also the
     depth sampler of before (all slots and classifiers rerun per depth) and the parameter-read floor.
-(ii) decode: greedy Qwen2.generate against transformers' generate on the same weights.
-(iii) siglip: the SigLIP vision forward against transformers' SiglipVisionModel, same weights.
-(iv) rvq: ResidualVQ forward + EMA update against vector-quantize-pytorch's ResidualVQ.
+(ii) decode: greedy Qwen2.generate; --compare: against transformers' generate on the same weights.
+(iii) siglip: the SigLIP vision forward; --compare: against transformers' SiglipVisionModel, same weights.
+(iv) rvq: ResidualVQ forward + EMA update; --compare: against vector-quantize-pytorch's ResidualVQ.
 --memory: peak memory of one training step per rank, traced with fake tensors (no memory, no GPU):
     every tensor storage the step creates is counted while alive; bf16 autocast runs on the CPU's autocast
     (the CUDA one casts the same ops); DDP adds its gradient buckets; FSDP is the traced step with the
     parameter, gradient and optimizer states divided by the ranks plus the unsharded units it gathers.
 
 Timings are medians over interleaved repeats (A, B, A, B, ...), so a busy machine slows both alike.
-The references (transformers, vector-quantize-pytorch) are test-only requirements; a missing one
-skips its line.
+(i) needs no reference. The references of (ii)-(iv) (transformers, vector-quantize-pytorch) are
+test-only requirements (requirements-dev.txt), imported only under --compare; a missing one is said in
+one line and that figure is printed without its ratio.
 """
 
 import argparse
@@ -52,6 +54,17 @@ def timed(fns, reps):
             f()
             t.append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
+
+
+def reference(args, module):
+    """The reference package for --compare, or None: not asked for, or not installed (said in one line)."""
+    if not args.compare:
+        return None
+    try:
+        return __import__(module)
+    except ImportError:
+        print(f"(--compare: {module} is not installed, pip install -r requirements-dev.txt; ours alone below)")
+        return None
 
 
 def recompute_sample_codes(model, h, guidance=None, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -132,36 +145,40 @@ def bench_position(args):
 
 @torch.no_grad()
 def bench_decode(args):
-    from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM, logging
-    logging.set_verbosity_error()
     cfg = Qwen2Config.preset(args.decode_llm)
     torch.manual_seed(0)
-    hf = Qwen2ForCausalLM(HFConfig(**cfg.to_hf())).eval()
-    ours = Qwen2(cfg).eval()
-    keys = ours.hf_key_map()
-    ours.load_hf_state_dict({k: v for k, v in hf.state_dict().items() if k in keys})
+    ours, hf = Qwen2(cfg).eval(), None
+    if reference(args, "transformers"):  # their model at random init, its weights loaded into ours
+        from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM, logging
+        logging.set_verbosity_error()
+        hf = Qwen2ForCausalLM(HFConfig(**cfg.to_hf())).eval()
+        keys = ours.hf_key_map()
+        ours.load_hf_state_dict({k: v for k, v in hf.state_dict().items() if k in keys})
     idx = torch.randint(min(1000, cfg.vocab_size), (1, args.prompt_len))
     n = args.new_tokens
 
-    def theirs():
-        return hf.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-
-    def mine():
-        return ours.generate(idx, n)
-
-    fns, same = [theirs, mine], torch.equal(theirs(), mine())
+    fns, names = [lambda: ours.generate(idx, n)], ["ours"]
     if args.compile:  # sample.py --compile's cached step; compiled before timing (one warm-up call)
         from sample import compile_llm_step
         fast = copy.deepcopy(ours)
         compile_llm_step(fast, idx.device)
         fns.append(lambda: fast.generate(idx, n))
-        same = same and torch.equal(fns[-1](), mine())
-    t = timed(fns, args.reps)
-    print(f"(ii) greedy decode [{args.decode_llm}, prompt "
-          f"{args.prompt_len}, {n} new tokens, batch 1]: ours {1e3 * t[1] / n:.1f} ms/token, transformers "
-          f"{1e3 * t[0] / n:.1f} ms/token = {t[1] / t[0]:.2f}×"
-          + (f"; compiled {1e3 * t[2] / n:.1f} ms/token = {t[2] / t[0]:.2f}×" if args.compile else "")
-          + f" (same tokens: {'yes' if same else 'NO'})")
+        names.append("compiled")
+    if hf is not None:
+        fns.append(lambda: hf.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0))
+        names.append("transformers")
+    out = [f() for f in fns]
+    same = all(torch.equal(o, out[0]) for o in out[1:])
+    t = dict(zip(names, timed(fns, args.reps)))
+    ms, ref = {k: f"{1e3 * v / n:.1f} ms/token" for k, v in t.items()}, t.get("transformers")
+    line = f"ours {ms['ours']}"
+    if ref:
+        line += f", transformers {ms['transformers']} = {t['ours'] / ref:.2f}×"
+    if args.compile:
+        line += f"; compiled {ms['compiled']} = " + (f"{t['compiled'] / ref:.2f}×" if ref else
+                                                      f"{t['compiled'] / t['ours']:.2f}× ours")
+    print(f"(ii) greedy decode [{args.decode_llm}, prompt {args.prompt_len}, {n} new tokens, batch 1]: {line}"
+          + (f" (same tokens: {'yes' if same else 'NO'})" if len(fns) > 1 else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,29 +186,36 @@ def bench_decode(args):
 
 @torch.no_grad()
 def bench_siglip(args):
-    from transformers import SiglipConfig, SiglipModel, logging
     from tokenizer import SIGLIP_PRESETS, SigLIP, SigLIPConfig
     # the preset's vision tower (its first siglip_layers layers); a 1-layer text tower, which is not timed
     c = replace(SIGLIP_PRESETS[args.siglip], text_layers=1, vocab_size=1000,
                 **({"layers": args.siglip_layers} if args.siglip_layers else {}))
-    logging.set_verbosity_error()  # (the 1000-token text vocabulary lacks CLIP's eos id; the text tower is unused)
     torch.manual_seed(0)
-    hf = SiglipModel(SiglipConfig(**c.to_hf())).eval()
-    ours = SigLIP(SigLIPConfig.from_hf(hf.config.to_dict())).eval()
-    ours.load_hf_state_dict(hf.state_dict())
+    ours, hf = SigLIP(c).eval(), None
+    if reference(args, "transformers"):  # their model at random init, its weights loaded into ours
+        from transformers import SiglipConfig, SiglipModel, logging
+        logging.set_verbosity_error()  # (the 1000-token text vocabulary lacks CLIP's eos id; the text tower is unused)
+        hf = SiglipModel(SiglipConfig(**c.to_hf())).eval()
+        ours = SigLIP(SigLIPConfig.from_hf(hf.config.to_dict())).eval()
+        ours.load_hf_state_dict(hf.state_dict())
     x = torch.rand(args.images, 3, c.image_size, c.image_size) * 2 - 1
-
-    def theirs():
-        return hf.vision_model(pixel_values=x).pooler_output
 
     def mine():
         return ours.encode_image(x)
 
+    what = (f"(iii) SigLIP vision forward [{args.siglip}, {c.layers} layers, {args.images} image(s) of "
+            f"{c.image_size} px]: ours ")
+    if hf is None:
+        print(what + f"{1e3 * timed([mine], args.reps)[0]:.0f} ms")
+        return
+
+    def theirs():
+        return hf.vision_model(pixel_values=x).pooler_output
+
     diff = (theirs() - mine()).abs().max().item()
     t_hf, t_ours = timed([theirs, mine], args.reps)
-    print(f"(iii) SigLIP vision forward [{args.siglip}, {c.layers} layers, {args.images} image(s) of "
-          f"{c.image_size} px]: ours {1e3 * t_ours:.0f} ms, transformers {1e3 * t_hf:.0f} ms = "
-          f"{t_ours / t_hf:.2f}× (pooled max |diff| {diff:.1e})")
+    print(what + f"{1e3 * t_ours:.0f} ms, transformers {1e3 * t_hf:.0f} ms = {t_ours / t_hf:.2f}× "
+          f"(pooled max |diff| {diff:.1e})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,18 +223,21 @@ def bench_siglip(args):
 
 @torch.no_grad()
 def bench_rvq(args):
-    from vector_quantize_pytorch import ResidualVQ as TheirRVQ
     from rvq import ResidualVQ
     torch.manual_seed(0)
     K, D = args.codebook_size, args.rvq_depth
     ours = ResidualVQ(32, K, D).train()
+    z = torch.randn(args.rvq_batch, 27 * 27, 32)
+    what = f"(iv) RVQ forward + EMA update [{args.rvq_batch}×729 vectors, {D} depths, shared {K}×32]: ours "
+    if not reference(args, "vector_quantize_pytorch"):
+        print(what + f"{1e3 * timed([lambda: ours(z)], args.reps)[0]:.0f} ms")
+        return
+    from vector_quantize_pytorch import ResidualVQ as TheirRVQ
     # the same method in their terms: one codebook for all depths, EMA 0.99, restarts below 1
     theirs = TheirRVQ(dim=32, num_quantizers=D, codebook_size=K, shared_codebook=True, decay=0.99,
                       threshold_ema_dead_code=1).train()
-    z = torch.randn(args.rvq_batch, 27 * 27, 32)
     t_theirs, t_ours = timed([lambda: theirs(z), lambda: ours(z)], args.reps)
-    print(f"(iv) RVQ forward + EMA update [{args.rvq_batch}×729 vectors, {D} depths, shared {K}×32]: ours "
-          f"{1e3 * t_ours:.0f} ms, vector-quantize-pytorch {1e3 * t_theirs:.0f} ms = {t_ours / t_theirs:.2f}×")
+    print(what + f"{1e3 * t_ours:.0f} ms, vector-quantize-pytorch {1e3 * t_theirs:.0f} ms = {t_ours / t_theirs:.2f}×")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,6 +443,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--only", default=",".join(BENCHES), help="comma-separated: " + ", ".join(BENCHES))
+    p.add_argument("--compare", action="store_true",
+                   help="(ii)-(iv): also time transformers / vector-quantize-pytorch on the same weights")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--llm", default="qwen2.5-0.5b", help="Qwen2 preset of (i), the heads as wide")
@@ -448,10 +477,7 @@ def main(argv=None):
     for name in args.only.split(","):
         if name not in BENCHES:
             raise SystemExit(f"--only: unknown {name!r}; known: {', '.join(BENCHES)}")
-        try:
-            BENCHES[name](args)
-        except ImportError as e:
-            print(f"({name}: skipped, {e.name} is not installed)")
+        BENCHES[name](args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import argparse
 import os
+import re
 import sys
 from dataclasses import replace
 
@@ -54,3 +55,32 @@ def test_fake_trace_of_a_training_step_equals_the_real_peak():
         with bench.PeakMemory() as traced:
             step()
     assert abs(traced.peak - real.peak) < 0.01 * real.peak
+
+
+RATIO = re.compile(r"= \d+\.\d+×")  # "ours ... = 0.41×": a ratio to a reference
+SMALL = ["--only", "decode,siglip,rvq", "--reps", "1", "--new_tokens", "3", "--siglip_layers", "1",
+         "--codebook_size", "64", "--rvq_batch", "1"]
+
+
+def test_compare_times_the_references_on_the_same_weights(capsys):
+    bench.main(SMALL + ["--compare"])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == 3
+    assert "transformers" in lines[0] and "(same tokens: yes)" in lines[0]  # greedy parity, same weights
+    assert "transformers" in lines[1] and float(lines[1].split("|diff| ")[1].rstrip(")")) < 1e-4
+    assert "vector-quantize-pytorch" in lines[2] and RATIO.search(lines[2])
+
+
+def test_without_compare_or_a_reference_ours_alone_with_one_line_saying_why(capsys, monkeypatch):
+    bench.main(SMALL)  # no --compare: no reference is imported or named
+    out = capsys.readouterr().out
+    assert "transformers" not in out and "vector-quantize" not in out and not RATIO.search(out)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # importing it now raises ImportError
+    monkeypatch.setitem(sys.modules, "vector_quantize_pytorch", None)
+    bench.main(SMALL + ["--compare"])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [ln for ln in lines if ln.startswith("(--compare:")] == [
+        "(--compare: transformers is not installed, pip install -r requirements-dev.txt; ours alone below)"] * 2 + [
+        "(--compare: vector_quantize_pytorch is not installed, pip install -r requirements-dev.txt; ours alone below)"]
+    assert sum(ln.startswith("(ii) ") or ln.startswith("(iii) ") or ln.startswith("(iv) ") for ln in lines) == 3
+    assert not RATIO.search("\n".join(lines))
