@@ -529,7 +529,7 @@ def compile_llm_step(llm, device, kv_round=64):
     recorded per shape, so attention reads the filled prefix rounded up to kv_round slots (≈13
     shapes for 729 positions), a padding mask hiding the extra slots."""
     # a CPU step calls its kernels from generated C++ (cpp_wrapper), not from Python: 0.43-0.46x
-    # transformers' greedy decode instead of 0.48-0.51x at the shapes preset (bench.py --compile --compare)
+    # transformers' greedy decode instead of 0.48-0.51x, A/B on one idle day (bench.py --compile --compare)
     kw = dict(mode="reduce-overhead") if device.type == "cuda" else dict(options={"cpp_wrapper": True})
     step = torch.compile(llm.hidden, **kw)
 
