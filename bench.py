@@ -67,6 +67,17 @@ def reference(args, module):
         return None
 
 
+def figures(t, unit, ref):
+    """{"ours": s, [variants], [ref]: s} -> "ours A, REF B = r×; variant C = r×": every ratio is to the
+    reference; without it (not compared) the variants' are to ours."""
+    base = t.get(ref)
+    line = f"ours {unit(t['ours'])}" + (f", {ref} {unit(base)} = {t['ours'] / base:.2f}×" if base else "")
+    for k, v in t.items():
+        if k not in ("ours", ref):
+            line += f"; {k} {unit(v)} = " + (f"{v / base:.2f}×" if base else f"{v / t['ours']:.2f}× ours")
+    return line
+
+
 def recompute_sample_codes(model, h, guidance=None, temperature=1.0, top_k=None, top_p=None, generator=None):
     """UnifiedModel.sample_codes before the depth-slot cache, kept as the reference: at each depth the
     depth transformer reruns over all slots so far and every slot's classifier runs (D(D+1)/2 slot
@@ -157,27 +168,20 @@ def bench_decode(args):
     idx = torch.randint(min(1000, cfg.vocab_size), (1, args.prompt_len))
     n = args.new_tokens
 
-    fns, names = [lambda: ours.generate(idx, n)], ["ours"]
+    fns = {"ours": lambda: ours.generate(idx, n)}
     if args.compile:  # sample.py --compile's cached step; compiled before timing (one warm-up call)
         from sample import compile_llm_step
         fast = copy.deepcopy(ours)
         compile_llm_step(fast, idx.device)
-        fns.append(lambda: fast.generate(idx, n))
-        names.append("compiled")
+        fns["compiled"] = lambda: fast.generate(idx, n)
     if hf is not None:
-        fns.append(lambda: hf.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0))
-        names.append("transformers")
-    out = [f() for f in fns]
+        fns["transformers"] = lambda: hf.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                  pad_token_id=0)
+    out = [f() for f in fns.values()]
     same = all(torch.equal(o, out[0]) for o in out[1:])
-    t = dict(zip(names, timed(fns, args.reps)))
-    ms, ref = {k: f"{1e3 * v / n:.1f} ms/token" for k, v in t.items()}, t.get("transformers")
-    line = f"ours {ms['ours']}"
-    if ref:
-        line += f", transformers {ms['transformers']} = {t['ours'] / ref:.2f}×"
-    if args.compile:
-        line += f"; compiled {ms['compiled']} = " + (f"{t['compiled'] / ref:.2f}×" if ref else
-                                                      f"{t['compiled'] / t['ours']:.2f}× ours")
-    print(f"(ii) greedy decode [{args.decode_llm}, prompt {args.prompt_len}, {n} new tokens, batch 1]: {line}"
+    t = dict(zip(fns, timed(list(fns.values()), args.reps)))
+    print(f"(ii) greedy decode [{args.decode_llm}, prompt {args.prompt_len}, {n} new tokens, batch 1]: "
+          + figures(t, lambda v: f"{1e3 * v / n:.1f} ms/token", "transformers")
           + (f" (same tokens: {'yes' if same else 'NO'})" if len(fns) > 1 else ""))
 
 
@@ -200,22 +204,13 @@ def bench_siglip(args):
         ours.load_hf_state_dict(hf.state_dict())
     x = torch.rand(args.images, 3, c.image_size, c.image_size) * 2 - 1
 
-    def mine():
-        return ours.encode_image(x)
-
-    what = (f"(iii) SigLIP vision forward [{args.siglip}, {c.layers} layers, {args.images} image(s) of "
-            f"{c.image_size} px]: ours ")
-    if hf is None:
-        print(what + f"{1e3 * timed([mine], args.reps)[0]:.0f} ms")
-        return
-
-    def theirs():
-        return hf.vision_model(pixel_values=x).pooler_output
-
-    diff = (theirs() - mine()).abs().max().item()
-    t_hf, t_ours = timed([theirs, mine], args.reps)
-    print(what + f"{1e3 * t_ours:.0f} ms, transformers {1e3 * t_hf:.0f} ms = {t_ours / t_hf:.2f}× "
-          f"(pooled max |diff| {diff:.1e})")
+    fns, diff = {"ours": lambda: ours.encode_image(x)}, ""
+    if hf is not None:
+        fns["transformers"] = lambda: hf.vision_model(pixel_values=x).pooler_output
+        diff = f" (pooled max |diff| {(fns['transformers']() - fns['ours']()).abs().max().item():.1e})"
+    t = dict(zip(fns, timed(list(fns.values()), args.reps)))
+    print(f"(iii) SigLIP vision forward [{args.siglip}, {c.layers} layers, {args.images} image(s) of "
+          f"{c.image_size} px]: " + figures(t, lambda v: f"{1e3 * v:.0f} ms", "transformers") + diff)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,16 +223,16 @@ def bench_rvq(args):
     K, D = args.codebook_size, args.rvq_depth
     ours = ResidualVQ(32, K, D).train()
     z = torch.randn(args.rvq_batch, 27 * 27, 32)
-    what = f"(iv) RVQ forward + EMA update [{args.rvq_batch}×729 vectors, {D} depths, shared {K}×32]: ours "
-    if not reference(args, "vector_quantize_pytorch"):
-        print(what + f"{1e3 * timed([lambda: ours(z)], args.reps)[0]:.0f} ms")
-        return
-    from vector_quantize_pytorch import ResidualVQ as TheirRVQ
-    # the same method in their terms: one codebook for all depths, EMA 0.99, restarts below 1
-    theirs = TheirRVQ(dim=32, num_quantizers=D, codebook_size=K, shared_codebook=True, decay=0.99,
-                      threshold_ema_dead_code=1).train()
-    t_theirs, t_ours = timed([lambda: theirs(z), lambda: ours(z)], args.reps)
-    print(what + f"{1e3 * t_ours:.0f} ms, vector-quantize-pytorch {1e3 * t_theirs:.0f} ms = {t_ours / t_theirs:.2f}×")
+    fns = {"ours": lambda: ours(z)}
+    if reference(args, "vector_quantize_pytorch"):
+        from vector_quantize_pytorch import ResidualVQ as TheirRVQ
+        # the same method in their terms: one codebook for all depths, EMA 0.99, restarts below 1
+        theirs = TheirRVQ(dim=32, num_quantizers=D, codebook_size=K, shared_codebook=True, decay=0.99,
+                          threshold_ema_dead_code=1).train()
+        fns["vector-quantize-pytorch"] = lambda: theirs(z)
+    t = dict(zip(fns, timed(list(fns.values()), args.reps)))
+    print(f"(iv) RVQ forward + EMA update [{args.rvq_batch}×729 vectors, {D} depths, shared {K}×32]: "
+          + figures(t, lambda v: f"{1e3 * v:.0f} ms", "vector-quantize-pytorch"))
 
 
 # ----------------------------------------------------------------------------------------------
