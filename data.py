@@ -121,8 +121,12 @@ def render_shapes(attrs, offset=(0, 0)):
 
 
 def shapes_caption(attrs):
-    return (f"a {attrs['size']} {attrs['color']} {attrs['shape']} {WHERE_PHRASES[attrs['where']]} "
-            f"on a {attrs['background']} background")
+    """The benchmark's caption of `attrs`. A partial dict gives a partial caption (the teacher's
+    shapes_partial_captions): a missing shape reads "shape", any other missing attribute is left out."""
+    where, background = attrs.get("where"), attrs.get("background")
+    words = ("a", attrs.get("size"), attrs.get("color"), attrs.get("shape", "shape"), where and WHERE_PHRASES[where],
+             background and f"on a {background} background")
+    return " ".join(w for w in words if w)
 
 
 _CAPTION_RE = re.compile(
@@ -201,6 +205,24 @@ def shapes_hard_negatives(attrs, k, key, split="train"):
             names = [n for n in names if n != name]
             continue
         out.append(shapes_caption({**attrs, name: rng.choice(options)}))
+    return out
+
+
+def shapes_partial_captions(attrs, k, key):
+    """k partial attribute dicts of `attrs` (caption each with shapes_caption), for the teacher's
+    sigmoid loss: each keeps one attribute (2 draws in 5) or 2-4 of them, and is a positive for every
+    image of the batch that it describes. A pure function of `key`.
+
+    Full captions alone teach a text embedding that tells all 972 captions apart but is not additive:
+    a class's mean over captions that vary the other attributes mixes them back in, and the prompt
+    ensemble misreads size, place and background. A caption that names one attribute must align with
+    every image that has it, which gives each attribute its own direction (EXPERIMENTS.md, §11).
+    """
+    rng = random.Random(f"shapes-partial:{key}")
+    out = []
+    for _ in range(k):
+        keep = rng.sample(list(SHAPES_ATTRS), rng.choice((1, 1, 2, 3, 4)))
+        out.append({a: v for a, v in attrs.items() if a in keep})
     return out
 
 

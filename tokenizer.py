@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from data import (SHAPES_ATTRS, SHAPES_RES, ClassFolderDataset, NoSamples, ShapesDataset, WebDataset, expand_urls,
                   load_text_tokenizer, parse_shapes_caption, read_back_accuracy, shapes_caption, shapes_hard_negatives,
-                  shard_hint, shapes_vocabulary, shapes_words, to_pil)
+                  shapes_partial_captions, shard_hint, shapes_vocabulary, shapes_words, to_pil)
 from losses import LPIPS, PatchGAN, adaptive_gan_weight, generator_loss, hinge_d_loss, psnr, semantic_loss, ssim
 from rvq import ResidualVQ
 
@@ -1050,6 +1050,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # activation checkpointing of the ViT and decoder blocks and of LPIPS
     workers: int = 4             # DataLoader workers per process
     hard_negatives: int = 0      # teacher stage: captions per image that differ in one attribute (data.shapes_hard_negatives)
+    partial_captions: int = 0    # teacher stage: captions per image naming only some attributes (data.shapes_partial_captions)
     seed: int = 0
     log_every: int = 100
     ckpt_every: int = 5000
@@ -1065,6 +1066,7 @@ TRAIN_PRESETS = {
     "shapes-teacher": TrainConfig(
         stage="teacher", model="shapes", data="shapes", out_dir="out/shapes-teacher", lr=1e-3, min_lr=1e-4,
         betas=(0.9, 0.95), weight_decay=1e-4, warmup=100, max_steps=4000, batch_size=32, hard_negatives=8,
+        partial_captions=3,
         text_tokenizer="words", eval_n=512, eval_every=500, workers=0, log_every=100, ckpt_every=250),
     # The tokenizer of the demo, on the shipped teacher: lr 1e-3, 2000 steps (small shapes keep their
     # corners: EXPERIMENTS.md §7), no GAN (disc_start = max_steps; a PatchGAN needs far more steps than
@@ -1277,8 +1279,8 @@ def check_config(cfg):
         if value not in allowed:
             raise UsageError(f"--{name} {value!r}: choose from {', '.join(map(repr, allowed))}")
     check_training(cfg, at_least_1=("eval_every", "eval_n"),
-                   at_least_0=("disc_start", "hard_negatives", "sem_weight", "sem_layer_weight", "sem_pool_weight",
-                               "commit_weight", "mse_weight", "lpips_weight", "gan_weight"))
+                   at_least_0=("disc_start", "hard_negatives", "partial_captions", "sem_weight", "sem_layer_weight",
+                               "sem_pool_weight", "commit_weight", "mse_weight", "lpips_weight", "gan_weight"))
     if cfg.eval and cfg.stage == "teacher":  # would otherwise retrain and overwrite the teacher
         raise UsageError("--eval evaluates a tokenizer checkpoint; the teacher stage reports its own zero-shot")
     if cfg.ablation == "joint":
@@ -2077,16 +2079,19 @@ def train_tokenizer(cfg, env):
 
 def teacher_batch(batch, cfg, encode, step, rank):
     """A shapes batch -> (images (B, 3, S, S), text ids (T, L), labels (T, B) in {+1, −1}): the B
-    captions, then cfg.hard_negatives captions per image that differ in one attribute
-    (data.shapes_hard_negatives, keyed by step and rank so a resumed run draws the same). A text is a
-    positive for every image of the batch it describes (two images may share a caption)."""
-    captions = list(batch["caption"])
-    for i, c in enumerate(batch["caption"]):
-        captions += shapes_hard_negatives(parse_shapes_caption(c), cfg.hard_negatives, key=f"{cfg.seed}:{step}:{rank}:{i}")
-    index = {c: j for j, c in enumerate(dict.fromkeys(captions))}
-    ids = torch.tensor([index[c] for c in captions])
-    labels = 2.0 * (ids[:, None] == ids[None, :len(batch["caption"])]).float() - 1
-    return batch["image"], encode(captions), labels
+    captions, then per image cfg.hard_negatives captions that differ in one attribute
+    (data.shapes_hard_negatives) and cfg.partial_captions that name only some of its attributes
+    (data.shapes_partial_captions), each drawn by a key of step and rank so a resumed run draws the
+    same; repeated texts once. A text is a positive for every image of the batch it describes."""
+    attrs = [parse_shapes_caption(c) for c in batch["caption"]]
+    texts = list(attrs)
+    for i, a in enumerate(attrs):
+        key = f"{cfg.seed}:{step}:{rank}:{i}"
+        texts += [parse_shapes_caption(c) for c in shapes_hard_negatives(a, cfg.hard_negatives, key=key)]
+        texts += shapes_partial_captions(a, cfg.partial_captions, key=key)
+    texts = list({shapes_caption(t): t for t in texts}.items())  # caption -> attributes, first seen first
+    labels = torch.tensor([[all(a[k] == v for k, v in t.items()) for a in attrs] for _, t in texts])
+    return batch["image"], encode([c for c, _ in texts]), 2.0 * labels.float() - 1
 
 
 def train_teacher(cfg, env):
@@ -2099,10 +2104,10 @@ def train_teacher(cfg, env):
     model = SigLIP(scfg).to(env.device).train()
     # SigLIP starts the bias at b = −10 so that training starts near the prior (Zhai et al. 2023):
     # at their 32k batch a pair is positive with odds 1 : 32767, log ≈ −10.4. Each rank here scores
-    # its own B images against B·(1 + hard_negatives) texts; start at that prior instead, or the
-    # cheapest first move is to collapse every embedding onto one direction.
+    # its own B images against ~B·(1 + hard_negatives + partial_captions) texts; start at that prior
+    # instead, or the cheapest first move is to collapse every embedding onto one direction.
     with torch.no_grad():
-        model.logit_bias.fill_(-math.log(cfg.batch_size * (1 + cfg.hard_negatives) - 1))
+        model.logit_bias.fill_(-math.log(cfg.batch_size * (1 + cfg.hard_negatives + cfg.partial_captions) - 1))
     encode = text_encoder(cfg, scfg.text_len)
     opt = make_optimizer(model, cfg, env.device.type == "cuda")
     start = 0
@@ -2129,7 +2134,8 @@ def train_teacher(cfg, env):
                      "held-out combinations": ShapesDataset(cfg.eval_n, seed=cfg.seed + 1, split="heldout")}
     log(f"teacher: micro-SigLIP {scfg.layers}+{scfg.text_layers} layers, width {scfg.width}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; captions as {cfg.text_tokenizer} "
-        f"padded to {scfg.text_len}, {cfg.hard_negatives} one-attribute negatives per image; "
+        f"padded to {scfg.text_len}, {cfg.hard_negatives} one-attribute negatives and {cfg.partial_captions} partial "
+        f"captions per image; "
         f"{env.world} process(es) on {env.device}" + (f"; resumed at step {start}" if start else ""))
     imgs_per_step = cfg.batch_size * cfg.grad_accum * env.world
     t0, t_step = time.time(), start

@@ -57,6 +57,20 @@ def test_shapes_sample_is_a_pure_function_of_seed_index_split():
     assert out[1].strip() == a["caption"]
 
 
+def test_partial_captions_keep_a_subset_of_the_attributes():
+    # each keeps 1-4 of the five attributes with their values, one attribute 2 draws in 5; the draw is a
+    # pure function of the key; a full dict still gives the benchmark caption, a partial one drops words
+    a = shapes_sample(3, seed=2)["attrs"]
+    draws = [p for i in range(200) for p in data.shapes_partial_captions(a, 3, key=i)]
+    assert draws[:3] == data.shapes_partial_captions(a, 3, key=0) != data.shapes_partial_captions(a, 3, key=1)
+    assert all(1 <= len(p) <= 4 and all(a[k] == v for k, v in p.items()) for p in draws)
+    assert 0.3 < sum(len(p) == 1 for p in draws) / len(draws) < 0.5
+    assert data.parse_shapes_caption(data.shapes_caption(a)) == a
+    assert data.shapes_caption({"shape": "circle"}) == "a circle"
+    assert data.shapes_caption({"size": "small", "where": "left"}) == "a small shape on the left"
+    assert data.shapes_caption({"color": "red", "background": "gray"}) == "a red shape on a gray background"
+
+
 def test_hard_negatives_differ_from_their_caption_in_one_attribute():
     # the teacher's text-only negatives: each changes exactly one attribute, attributes take turns and
     # place comes back three more times, the combination stays in the split, the draw is a pure function

@@ -194,10 +194,11 @@ def test_teacher_stage(tmp_path, capsys):
                "--log_every", "1", "--eval_every", "8", "--eval_n", "8", "--out_dir", str(tmp_path)], capsys)
     losses = [float(v) for v in re.findall(r"sigmoid loss ([\d.]+)", out)]
     assert len(losses) == 8 and all(np.isfinite(losses))
-    # the bias starts at the prior log-odds of a positive among each image's 8 · (1 + 8) texts (its
-    # caption, the batch's others and 8 hard negatives each): −log 71; step 1 moves it by ≤ lr/4 = 2.5e-4
+    # the bias starts at the prior log-odds of a positive among each image's 8 · (1 + 8 + 3) texts (its
+    # caption, the batch's others, 8 hard negatives and 3 partial captions each): −log 95; step 1 moves
+    # it by ≤ lr/4 = 2.5e-4
     b1 = float(re.search(r"^step 1 \|.* b (-?[\d.]+) \|", out, re.M).group(1))
-    assert b1 == pytest.approx(-np.log(71), abs=0.006)
+    assert b1 == pytest.approx(-np.log(95), abs=0.006)
     for split in ("train split, unseen seed", "held-out combinations"):
         assert re.search(rf"zero-shot on 8 images \({split}\): shape [\d.]+%  color [\d.]+%", out)
         assert re.search(rf"best of the 972 captions \({split}\): shape [\d.]+%  color [\d.]+%", out)
@@ -206,6 +207,35 @@ def test_teacher_stage(tmp_path, capsys):
     assert siglip.config == T.SIGLIP_PRESETS["shapes"]
     torch.manual_seed(0)
     assert not torch.equal(siglip.logit_bias, T.SigLIP(siglip.config).logit_bias)  # trained, not the init
+
+
+def test_teacher_batch_labels_every_text_by_the_attributes_it_names():
+    # known answers on a 2-image batch: a text is +1 for exactly the images that have every attribute it
+    # names (read back from its words by a regex of its own), and every text appears once
+    a = dict(shape="circle", color="red", size="small", where="top left", background="gray")
+    b = dict(a, shape="square", where="center")
+    cfg = T.TrainConfig(hard_negatives=8, partial_captions=6, seed=3)
+    encode = T.text_encoder(T.TrainConfig(text_tokenizer="words"), 16)
+    _, ids, labels = T.teacher_batch({"image": torch.zeros(2, 3, 64, 64),
+                                      "caption": [D.shapes_caption(a), D.shapes_caption(b)]}, cfg, encode, 5, 1)
+    texts = [D.shapes_caption(a), D.shapes_caption(b)]
+    for i, attrs in enumerate((a, b)):
+        texts += D.shapes_hard_negatives(attrs, 8, key=f"3:5:1:{i}")
+        texts += [D.shapes_caption(p) for p in D.shapes_partial_captions(attrs, 6, key=f"3:5:1:{i}")]
+    texts = list(dict.fromkeys(texts))
+    assert torch.equal(ids, encode(texts)) and labels.shape == (len(texts), 2)
+    alt = lambda vs: "|".join(vs)
+    grammar = re.compile(rf"a(?: ({alt(D.SIZES)}))?(?: ({alt(D.COLORS)}))? ({alt(D.SHAPES)}|shape)"
+                         rf"(?: ({alt(D.WHERE_PHRASES.values())}))?(?: on a ({alt(D.BACKGROUNDS)}) background)?")
+    phrase_to_where = {p: w for w, p in D.WHERE_PHRASES.items()}
+    partial = 0
+    for row, text in zip(labels.tolist(), texts):
+        size, color, shape, phrase, background = grammar.fullmatch(text).groups()
+        named = {k: v for k, v in dict(size=size, color=color, shape=None if shape == "shape" else shape,
+                                       where=phrase_to_where.get(phrase), background=background).items() if v}
+        partial += len(named) < 5
+        assert row == [1.0 if all(x[k] == v for k, v in named.items()) else -1.0 for x in (a, b)], text
+    assert labels[:2].tolist() == [[1, -1], [-1, 1]] and partial >= 4
 
 
 def test_resume_matches_straight_run(straight, teacher_dir, tmp_path, capsys):
