@@ -1061,8 +1061,9 @@ TRAIN_PRESETS = {
     "so400m-256": TrainConfig(model="so400m-256"),
     # The CPU demo (torchrun --nproc_per_node 2). The teacher is the shapes micro-SigLIP trained from
     # scratch with the sigmoid loss (β2 = 0.95 as in Zhai et al.), big_vision's init, word-level
-    # captions and 5 text negatives per image that each differ in one attribute; it is trained once
-    # and shipped, like a pretrained SigLIP (EXPERIMENTS.md, "The semantic teacher").
+    # captions, per image 8 text negatives that each differ in one attribute and 3 partial captions
+    # (positives for every image they describe: an additive embedding, read by the prompt ensemble);
+    # it is trained once and shipped, like a pretrained SigLIP (EXPERIMENTS.md §11).
     "shapes-teacher": TrainConfig(
         stage="teacher", model="shapes", data="shapes", out_dir="out/shapes-teacher", lr=1e-3, min_lr=1e-4,
         betas=(0.9, 0.95), weight_decay=1e-4, warmup=100, max_steps=4000, batch_size=32, hard_negatives=8,
@@ -1468,9 +1469,9 @@ def text_encoder(cfg, text_len):
 
 def shapes_prompts(attr):
     # One prompt ensemble per class (CLIP, Radford et al. 2021 §3.1.4) written in the benchmark's own
-    # caption grammar: the teacher only ever read captions, so a bare class name ("a circle") would be
-    # out of its distribution. Per class, 18 captions in which every value of every other attribute
-    # appears equally often (18 = lcm of their counts 2, 3, 6, 9), so averaging cancels them out.
+    # caption grammar. Per class, 18 captions in which every value of every other attribute appears
+    # equally often (18 = lcm of their counts 2, 3, 6, 9), so averaging cancels them out, provided the
+    # text embedding adds attribute directions (what the teacher's partial captions train for).
     # -> [classes][18 prompts]
     rest = [k for k in SHAPES_ATTRS if k != attr]
     n = math.lcm(*(len(SHAPES_ATTRS[k]) for k in rest))
