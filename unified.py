@@ -1381,8 +1381,9 @@ class TrainConfig:
 
 
 TRAIN_PRESETS = {
-    # The CPU demo on the shapes benchmark: 36-54 min on 2 cores (2 processes × batch 8; §12), what the
-    # one-hour pipeline leaves; more steps generate better and lr 1e-3 learns fastest (EXPERIMENTS.md, §4).
+    # The CPU demo on the shapes benchmark: 47 min on 2 cores (2 processes × batch 8; §15); lr 1e-3
+    # learns fastest (EXPERIMENTS.md, §4). The shipped demo runs --max_steps 5000 (80 min): at 3000 it
+    # draws the asked shape half the time, at 5000 four times in five (§16).
     "shapes": dict(model="shapes", data="shapes", n_images=100_000, batch_size=16, max_steps=3000,
                    qa_turns=3, lr=1e-3, min_lr=1e-4, warmup=30, workers=0,
                    out_dir="out/unified-shapes", log_every=50, ckpt_every=250),
