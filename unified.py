@@ -657,7 +657,7 @@ UNIFIED_PRESETS = {
     # The CPU demo: the shapes LLM (256 wide, 4 layers, byte-level text) and the codes of
     # tokenizer.py's "shapes" preset (8×8 positions × 4 depths from 256 entries of 32-d vectors).
     # One-layer depth heads: as good as 3 and faster (EXPERIMENTS.md, §4); text weighs 4, or the
-    # model learns to answer far later than to draw (§5); guidance 1.5 at temperature 0.4: §12, §17; the
+    # model learns to answer far later than to draw (§5); guidance 1.5 at temperature 0.4: §12, §17, §18; the
     # other values: §3, §6.
     "shapes": dict(llm=Qwen2Config.preset("shapes"), codebook_size=256, rvq_depth=4, grid=8,
                    depth_dim=128, depth_heads=4, depth_layers=1, grid_pos_embed=True, grid_pos_init=1.0,
@@ -1353,6 +1353,7 @@ class TrainConfig:
                                      # the understanding samples; --data / --codes then give generation only
     llava_images: str = ""           # the folder the LLaVA entries' image paths are relative to
     caption_drop: float = 0.1        # generation samples with an empty caption: the unconditional model of CFG
+                                     # (shapes demo: 0.3 makes guidance 3 safe, not better, and draws worse; §18)
     qa_turns: int = 1                # shapes: questions per understanding conversation (1..6)
     workers: int = 4                 # DataLoader workers decoding webdataset shards
     # optimization
