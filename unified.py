@@ -600,7 +600,7 @@ class UnifiedConfig:
     grid_pos_init: float = 0.02
     # An RMSNorm at the projector's output, its gain starting at projector_norm (0 = none, the
     # paper's LLaVA MLP): every code enters at one learned scale, and a small LLM trained from
-    # scratch generates and understands far better with it (EXPERIMENTS.md, §6)
+    # scratch generates and understands far better with it (EXPERIMENTS.md, §6; kept at full length, §19)
     projector_norm: float = 0.0
     # text → image sampling defaults, which sample.py uses unless given: §4.1 samples with
     # classifier-free guidance 3; a small model trained briefly samples best with less (EXPERIMENTS.md, §3)
