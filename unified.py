@@ -932,13 +932,14 @@ class UnifiedModel(nn.Module):
 
     # --- checkpoints
 
-    def save_pretrained(self, path, tokenizer=None, state_dict=None, dtype=None):
+    def save_pretrained(self, path, tokenizer=None, state_dict=None, dtype=None, tokenizer_dtype="same"):
         """Write the directory sample.py loads: config.json (UnifiedConfig with the LLM config and the
         special-token ids), model.safetensors (LLM, projector, heads, frozen codebooks), the text
         tokenizer (a copy of HF files in text_tokenizer/, or "bytes" in config.json) and, given the
         DualTokenizer the codes came from, tokenizer/. state_dict: a full state dict to write
         instead of this module's (FSDP gathers one). dtype: store floating tensors in it (bfloat16
-        halves a shipped checkpoint; from_pretrained loads fp32 either way)."""
+        halves a shipped checkpoint; from_pretrained loads fp32 either way); tokenizer_dtype: the
+        tokenizer's ("same": dtype)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         cfg = asdict(self.config)
@@ -957,10 +958,12 @@ class UnifiedModel(nn.Module):
             cfg["text_tokenizer"] = "text_tokenizer"  # relative to the checkpoint directory
         (path / "config.json").write_text(json.dumps({"format": UNIFIED_FORMAT, **cfg}, indent=2) + "\n")
         sd = self.state_dict() if state_dict is None else state_dict
-        tensors = {k: _stored(v, dtype) for k, v in sd.items()}
+        tok_dtype = dtype if tokenizer_dtype == "same" else tokenizer_dtype
+        # the frozen codebooks are the tokenizer's: stored as its are, so load_pretrained finds them equal
+        tensors = {k: _stored(v, tok_dtype if k in ("pix_codebook", "sem_codebook") else dtype) for k, v in sd.items()}
         save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(path / "tokenizer"), dtype=dtype)
+            tokenizer.save_pretrained(str(path / "tokenizer"), dtype=tok_dtype)
 
     @classmethod
     def from_pretrained(cls, path, device="cpu"):
@@ -1750,14 +1753,17 @@ def _require_checkpoint(path, command):
 
 
 def export(argv):
-    """python unified.py export SRC DST [--dtype bfloat16] [--sample_cfg S] [--sample_temperature T]:
-    copy a checkpoint directory (a training run's out_dir) to what sample.py loads — model, tokenizer,
-    text tokenizer; no optimizer state — with floating tensors stored in --dtype, and optionally new
-    text → image sampling defaults in its config. The shipped demo checkpoint is made this way."""
+    """python unified.py export SRC DST [--dtype bfloat16] [--tokenizer_dtype D] [--sample_cfg S]
+    [--sample_temperature T]: copy a checkpoint directory (a training run's out_dir) to what sample.py
+    loads — model, tokenizer, text tokenizer; no optimizer state — with floating tensors stored in
+    --dtype (the tokenizer's in --tokenizer_dtype, default the same), and optionally new text → image
+    sampling defaults in its config. The shipped demo checkpoint is made this way."""
     p = _Parser(prog="unified.py export", description=export.__doc__)
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--tokenizer_dtype", choices=("bfloat16", "float16", "float32"),
+                   help="the tokenizer's storage dtype (default: --dtype)")
     p.add_argument("--sample_cfg", type=float, help="sample.py's default guidance scale (≥ 0)")
     p.add_argument("--sample_temperature", type=float, help="sample.py's default temperature (≥ 0)")
     a = p.parse_args(argv)
@@ -1766,9 +1772,12 @@ def export(argv):
     with reading("export"):  # replace() re-runs UnifiedConfig's checks (≥ 0, finite)
         model.config = replace(model.config, **sampling)
     writable_dir("export DST", a.dst)
-    model.save_pretrained(a.dst, tokenizer=tokenizer, dtype=getattr(torch, a.dtype))
+    tok_dtype = a.tokenizer_dtype or a.dtype
+    model.save_pretrained(a.dst, tokenizer=tokenizer, dtype=getattr(torch, a.dtype),
+                          tokenizer_dtype=getattr(torch, tok_dtype))
     size = sum(f.stat().st_size for f in Path(a.dst).rglob("*") if f.is_file())
-    print(f"wrote {a.dst} ({size / 2**20:.1f} MiB, {a.dtype})")
+    dtypes = a.dtype if tok_dtype == a.dtype else f"{a.dtype}, tokenizer {tok_dtype}"
+    print(f"wrote {a.dst} ({size / 2**20:.1f} MiB = {size / 1e6:.1f} MB, {dtypes})")
 
 
 @torch.no_grad()

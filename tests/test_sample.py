@@ -193,6 +193,15 @@ def test_export_stores_bfloat16_and_loads_back_as_fp32(ckpt, tmp_path):
             assert theirs[k].dtype == v.dtype
             expect = v.to(torch.bfloat16).float() if v.is_floating_point() else v
             assert torch.equal(theirs[k], expect), k
+    # --tokenizer_dtype float32: the tokenizer exactly as trained, the model still bf16
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "unified.py"), "export", path, str(tmp_path / "z"),
+                        "--tokenizer_dtype", "float32"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and "bfloat16, tokenizer float32" in r.stdout, r.stderr
+    m3, _, tok3 = load_pretrained(tmp_path / "z")
+    for k, v in tok.state_dict().items():
+        assert torch.equal(tok3.state_dict()[k], v), k
+    for k, v in model.state_dict().items():  # bf16 but the codebooks, which are the tokenizer's
+        assert torch.equal(m3.state_dict()[k], v if k.endswith("_codebook") else m2.state_dict()[k]), k
     r = subprocess.run([sys.executable, os.path.join(ROOT, "unified.py"), "export", str(tmp_path / "nope"),
                         str(tmp_path / "y")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode != 0 and "nope: no such directory" in r.stderr and "Traceback" not in r.stderr
