@@ -611,7 +611,7 @@ class UnifiedConfig:
     pix_weight: float = 1.0
     sem_weight: float = 1.0
     # weight of depths 2..D relative to depth 1 within each head (the paper: 1): residual codes are
-    # detail no caption determines, and their gradients drown the caption's (EXPERIMENTS.md, §6)
+    # detail no caption determines, and their gradients drown the caption's (EXPERIMENTS.md, §6; §21)
     residual_weight: float = 1.0
     # "bytes" (the demo encoding) or a directory of HF tokenizer files; None until the trainer sets it
     # (from --llm DIR for Qwen2.5). save_pretrained copies HF files into the checkpoint.
