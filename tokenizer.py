@@ -1006,6 +1006,10 @@ class TrainConfig:
     out_dir: str = "out/tokenizer"  # checkpoint (config.json, model.safetensors, train_state.pt; see
                                     # "On disk" above write_checkpoint) and PNGs
     resume: bool = False         # continue from the checkpoint in out_dir
+    init: str = ""               # start from this tokenizer checkpoint's weights (a fresh optimizer and schedule)
+    decoder_only: bool = False   # train the pixel decoder only (pix_post → decoder) on the codes of the frozen
+                                 # --init tokenizer: every code stays as it was, so a stage-2 model trained on
+                                 # them keeps working with the new decoder (EXPERIMENTS.md §27)
     lpips: str = ""              # LPIPS weights (python losses.py convert-lpips); "" = LPIPS off
     # --- Table 3 ablations. None keeps the model preset's tap.
     ablation: str = ""           # "joint": (b) Recon(26)+Sem(26); "recon_only": (c) Recon(6); "": (d), the paper's
@@ -1076,6 +1080,12 @@ TRAIN_PRESETS = {
         model="shapes", data="shapes", siglip="checkpoints/shapes-teacher", out_dir="out/shapes-tokenizer",
         lr=1e-3, warmup=50, max_steps=2000, disc_start=2000, batch_size=16, text_tokenizer="words",
         sem_relative=True, eval_n=512, eval_every=1000, workers=0, log_every=50, ckpt_every=500),
+    # The shipped tokenizer's pixel decoder trained further on its own, frozen codes (EXPERIMENTS.md §27)
+    "shapes-decoder": TrainConfig(
+        model="shapes", data="shapes", siglip="checkpoints/shapes-teacher", init="checkpoints/shapes/tokenizer",
+        decoder_only=True, out_dir="out/shapes-decoder", lr=3e-4, warmup=50, max_steps=1000, disc_start=1000,
+        batch_size=16, text_tokenizer="words", sem_relative=True, eval_n=512, eval_every=500, workers=0,
+        log_every=50, ckpt_every=250),
 }
 
 TRAIN_STATE_FORMAT = "dualtoken-train-state/1"  # train_state.pt, checked on --resume
@@ -1357,6 +1367,12 @@ def check_inputs(cfg):
         if missing:
             raise UsageError(f"--data: {len(missing)} of {len(urls)} shards missing, e.g. {missing[0]}"
                              + shard_hint(missing[0]))
+    if cfg.decoder_only and not (cfg.init or cfg.resume):
+        raise UsageError("--decoder_only trains a decoder on the codes of a trained tokenizer: give it with --init DIR")
+    if cfg.init and not cfg.resume:
+        model_dir("--init", cfg.init)
+        if not os.path.isfile(os.path.join(cfg.init, "config.json")):
+            raise UsageError(f"--init {cfg.init}: not a tokenizer checkpoint (no config.json)")
     if cfg.resume:
         resume_dir(cfg.out_dir)
 
@@ -1884,11 +1900,39 @@ def _freeze_untrained(model, cfg):
     s = model.siglip
     for p in itertools.chain(s.text.parameters(), (s.logit_scale, s.logit_bias)):
         p.requires_grad_(False)
-    if cfg.sem_weight == 0:
+    if cfg.decoder_only:  # the codes' side (ViT, projections, codebooks) frozen; everything after the codes trains
+        model.requires_grad_(False)
+        for m in (model.pix_post, model.post_quant, model.decoder):
+            m.requires_grad_(True)
+    elif cfg.sem_weight == 0:
         c = model.config
         last = max(c.rec_layer, c.shortcut_layer if model.pix_short is not None else 0)
         for m in (*s.vision.blocks[last:], s.vision.ln_post, s.vision.head, model.sem_pre, model.sem_post):
             m.requires_grad_(False)
+
+
+class DecoderOnly(nn.Module):
+    """--decoder_only's training pass: the frozen tokenizer's codes (no gradient; encode never moves a
+    codebook) decoded as sample.py decodes generated codes, by the decoder that trains.
+    images (B, 3, S, S) -> TokenizerOutput without semantics (sem, pooled None) and zero commitments."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def forward(self, images):
+        t = self.tokenizer
+        with torch.no_grad():
+            pix_codes, sem_codes = t.encode(images)  # (B, h, w, depth) each
+            zq = t.pix_quantizer.decode(pix_codes)   # (B, h, w, code_dim)
+        zero = images.new_zeros(())
+        return TokenizerOutput(t.decode_latent(zq), None, None, zero, zero, pix_codes, sem_codes)
+
+
+def _same_config(model, mcfg, flag, path):
+    if model.config != mcfg:
+        diff = [k for k in asdict(mcfg) if asdict(mcfg)[k] != asdict(model.config)[k]]
+        raise UsageError(f"{flag}: the checkpoint {path} has another model config ({', '.join(diff)})")
 
 
 @torch.no_grad()
@@ -1924,9 +1968,11 @@ def train_tokenizer(cfg, env):
             publish(cfg.out_dir, ckpt)
         with reading(f"--resume {ckpt}"):
             model = DualTokenizer.from_pretrained(ckpt)
-        if model.config != mcfg:
-            diff = [k for k in asdict(mcfg) if asdict(mcfg)[k] != asdict(model.config)[k]]
-            raise UsageError(f"--resume: the checkpoint {ckpt} has another model config ({', '.join(diff)})")
+        _same_config(model, mcfg, "--resume", ckpt)
+    elif cfg.init:
+        with reading(f"--init {cfg.init}"):
+            model = DualTokenizer.from_pretrained(cfg.init)
+        _same_config(model, mcfg, "--init", cfg.init)
     else:
         model = DualTokenizer.from_siglip(siglip, mcfg)
     del siglip
@@ -1955,7 +2001,9 @@ def train_tokenizer(cfg, env):
         f"{env.world} process(es) on {env.device}" + (", bf16 autocast" if env.device.type == "cuda" else ""))
     if lpips is None:
         log("LPIPS off: no --lpips weights file (the loss and eval run without the perceptual term)")
-    if cfg.sem_weight == 0:
+    if cfg.decoder_only:
+        log(f"decoder only: the codes of {cfg.init or 'the checkpoint'} stay as they are (ViT and codebooks frozen)")
+    elif cfg.sem_weight == 0:
         log("semantic weight 0: reconstruction only (Table 3(c)); layers after the pixel taps are frozen")
 
     ds, batches = train_loader(cfg, env, c.siglip.image_size, c.siglip.resample, step * cfg.grad_accum)
@@ -1964,7 +2012,8 @@ def train_tokenizer(cfg, env):
         eval_set = eval_dataset(cfg, c.siglip.image_size, c.siglip.resample)
         tasks = zero_shot_tasks(cfg, model.siglip, text_encoder(cfg, c.siglip.text_len), eval_set, env.device)
 
-    fwd = torch.compile(model) if cfg.compile else model  # compile before the DDP wrap (nanoGPT)
+    fwd = DecoderOnly(model) if cfg.decoder_only else model
+    fwd = torch.compile(fwd) if cfg.compile else fwd  # compile before the DDP wrap (nanoGPT)
     if env.ddp:
         # The RVQ codebooks are buffers that move by EMA in forward; rvq.py all-reduces the cluster
         # statistics and broadcasts restart vectors, so every rank computes the same update. DDP's
@@ -2005,12 +2054,14 @@ def train_tokenizer(cfg, env):
                 _init_actnorm(disc, x, env)
             with (fwd.no_sync() if env.ddp and not last else nullcontext()), env.ctx:
                 out = fwd(x)
-                f0, p0 = model.teacher_targets(teacher, x)  # (B, N, D), (B, D)
                 recon = out.recon.float()
                 mse = F.mse_loss(recon, x)
                 lp = lpips(recon, x).mean() if lpips is not None else zero
-                sem = semantic_loss(out.sem.float(), f0.float(), cfg.sem_relative)
-                pool = semantic_loss(out.pooled.float(), p0.float(), cfg.sem_relative)
+                sem = pool = zero
+                if not cfg.decoder_only:
+                    f0, p0 = model.teacher_targets(teacher, x)  # (B, N, D), (B, D)
+                    sem = semantic_loss(out.sem.float(), f0.float(), cfg.sem_relative)
+                    pool = semantic_loss(out.pooled.float(), p0.float(), cfg.sem_relative)
                 # eq. (2): λ2·L_sem + λ3·(L_c1 + L_c2) + λ1·L_recon with eq. (3) for L_recon. Without a
                 # semantic objective the semantic commitment goes too, else it alone would still pull
                 # on the ViT (Table 3(c) trains the pixel path only).
@@ -2044,8 +2095,10 @@ def train_tokenizer(cfg, env):
 
         if env.master and (step % cfg.log_every == 0 or step in (1, cfg.max_steps)):
             dt = time.time() - t0
-            cos = F.cosine_similarity(out.sem.float(), f0.float(), dim=-1).mean().item()
-            cos_p = F.cosine_similarity(out.pooled.float(), p0.float(), dim=-1).mean().item()
+            cos = cos_p = float("nan")  # --decoder_only: no semantics computed
+            if not cfg.decoder_only:
+                cos = F.cosine_similarity(out.sem.float(), f0.float(), dim=-1).mean().item()
+                cos_p = F.cosine_similarity(out.pooled.float(), p0.float(), dim=-1).mean().item()
             up, us = model.pix_quantizer.usage(out.pix_codes), model.sem_rvq.usage(out.sem_codes)
             line = (f"step {step} | loss {loss.item():.4f} | mse {mse.item():.4f} "
                     f"lpips {lp.item() if lpips is not None else 'off'} | sem {sem.item():.4f} "

@@ -1752,12 +1752,30 @@ def _require_checkpoint(path, command):
         return load_pretrained(path)
 
 
+DECODER_PARTS = ("pix_post.", "post_quant.", "decoder.")  # a DualTokenizer's modules after the codes
+
+
+def same_codes(old, new, dtype):
+    """`new` if it gives the codes `old` gives — the same config and every tensor before the codes
+    (ViT, projections, codebooks) equal as stored in `dtype` — else a ValueError naming the first
+    difference. Only the pixel decoder may differ: a model trained on `old`'s codes reads `new`'s."""
+    if new.config != old.config:
+        raise ValueError("another tokenizer config, not the same tokenizer with another decoder")
+    a, b = old.state_dict(), new.state_dict()
+    for k, v in a.items():
+        if not k.startswith(DECODER_PARTS) and not torch.equal(_stored(v, dtype), _stored(b[k], dtype)):
+            raise ValueError(f"{k} differs from the checkpoint's tokenizer: its codes would differ "
+                             "(only the pixel decoder may change: tokenizer.py --decoder_only --init ...)")
+    return new
+
+
 def export(argv):
     """python unified.py export SRC DST [--dtype bfloat16] [--tokenizer_dtype D] [--sample_cfg S]
-    [--sample_temperature T]: copy a checkpoint directory (a training run's out_dir) to what sample.py
-    loads — model, tokenizer, text tokenizer; no optimizer state — with floating tensors stored in
-    --dtype (the tokenizer's in --tokenizer_dtype, default the same), and optionally new text → image
-    sampling defaults in its config. The shipped demo checkpoint is made this way."""
+    [--sample_temperature T] [--tokenizer DIR]: copy a checkpoint directory (a training run's out_dir)
+    to what sample.py loads — model, tokenizer, text tokenizer; no optimizer state — with floating
+    tensors stored in --dtype (the tokenizer's in --tokenizer_dtype, default the same), optionally new
+    text → image sampling defaults in its config, and optionally SRC's tokenizer with another pixel
+    decoder (tokenizer.py --decoder_only). The shipped demo checkpoint is made this way."""
     p = _Parser(prog="unified.py export", description=export.__doc__)
     p.add_argument("src")
     p.add_argument("dst")
@@ -1766,13 +1784,19 @@ def export(argv):
                    help="the tokenizer's storage dtype (default: --dtype)")
     p.add_argument("--sample_cfg", type=float, help="sample.py's default guidance scale (≥ 0)")
     p.add_argument("--sample_temperature", type=float, help="sample.py's default temperature (≥ 0)")
+    p.add_argument("--tokenizer", help="a tokenizer directory to write instead of SRC's: SRC's with another "
+                                       "pixel decoder (tokenizer.py --decoder_only), codes unchanged")
     a = p.parse_args(argv)
     model, _, tokenizer = _require_checkpoint(a.src, "export")
+    tok_dtype = a.tokenizer_dtype or a.dtype
+    if a.tokenizer is not None:
+        model_dir("export --tokenizer", a.tokenizer)
+        with reading(f"export --tokenizer {a.tokenizer}"):
+            tokenizer = same_codes(tokenizer, DualTokenizer.from_pretrained(a.tokenizer), getattr(torch, tok_dtype))
     sampling = {k: getattr(a, k) for k in ("sample_cfg", "sample_temperature") if getattr(a, k) is not None}
     with reading("export"):  # replace() re-runs UnifiedConfig's checks (≥ 0, finite)
         model.config = replace(model.config, **sampling)
     writable_dir("export DST", a.dst)
-    tok_dtype = a.tokenizer_dtype or a.dtype
     model.save_pretrained(a.dst, tokenizer=tokenizer, dtype=getattr(torch, a.dtype),
                           tokenizer_dtype=getattr(torch, tok_dtype))
     size = sum(f.stat().st_size for f in Path(a.dst).rglob("*") if f.is_file())
