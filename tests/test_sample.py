@@ -207,6 +207,39 @@ def test_export_stores_bfloat16_and_loads_back_as_fp32(ckpt, tmp_path):
     assert r.returncode != 0 and "nope: no such directory" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_export_swaps_in_a_decoder_only_if_the_codes_stay(ckpt, tmp_path):
+    # export --tokenizer: the checkpoint's tokenizer with another pixel decoder goes in; one whose codes
+    # would differ (a moved ViT weight or codebook) is refused in one line naming the tensor
+    from unified import load_pretrained
+    path, model, tok, _ = ckpt
+    new = copy.deepcopy(tok)
+    with torch.no_grad():
+        new.decoder.conv_out.bias.add_(0.25)
+    new.save_pretrained(str(tmp_path / "dec"))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "unified.py"), "export", path, str(tmp_path / "x"),
+                        "--tokenizer", str(tmp_path / "dec"), "--dtype", "float32"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    m2, _, tok2 = load_pretrained(tmp_path / "x")
+    for k, v in new.state_dict().items():
+        assert torch.equal(tok2.state_dict()[k], v), k
+    for k, v in model.state_dict().items():
+        assert torch.equal(m2.state_dict()[k], v), k
+    x = to_tensor(shapes_sample(0)["image"], tok.config.siglip.image_size, tok.config.siglip.resample)[None]
+    assert all(torch.equal(a, b) for a, b in zip(tok2.encode(x), tok.encode(x)))       # the same codes,
+    assert not torch.equal(tok2.decode(tok.encode(x)[0]), tok.decode(tok.encode(x)[0]))  # another picture
+    for key, edit in (("siglip.vision.blocks.0.mlp.fc.weight", lambda t: t.siglip.vision.blocks[0].mlp.fc.weight),
+                      ("sem_rvq.codebook", lambda t: t.sem_rvq.codebook)):
+        bad = copy.deepcopy(tok)
+        with torch.no_grad():
+            edit(bad).mul_(1.5)
+        bad.save_pretrained(str(tmp_path / "bad"))
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "unified.py"), "export", path, str(tmp_path / "y"),
+                            "--tokenizer", str(tmp_path / "bad")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode != 0 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"{key} differs from the checkpoint's tokenizer" in r.stderr, r.stderr
+
+
 def test_cli_image_to_text(ckpt, tmp_path):
     path = ckpt[0]
     shapes_sample(1)["image"].save(tmp_path / "x.png")

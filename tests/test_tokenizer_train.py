@@ -273,6 +273,25 @@ def test_reconstruction_only_trains_the_pixel_path_only(teacher_dir, tmp_path, c
     assert not any(k.startswith(("vision.blocks.2.", "vision.head.", "vision.ln_post.", "text.")) for k in moved)
 
 
+def test_decoder_only_keeps_every_code(straight, teacher_dir, tmp_path, capsys):
+    # --init a trained tokenizer --decoder_only (GAN on, as TINY): only the modules after the codes move,
+    # so a stage-2 model trained on its codes reads the same codes from the result
+    out = run(TINY + ["--siglip", teacher_dir, "--init", straight, "--decoder_only", "--out_dir", str(tmp_path),
+                      "--max_steps", "2"], capsys)
+    assert "decoder only: the codes of" in out
+    a, b = T.DualTokenizer.from_pretrained(straight), T.DualTokenizer.from_pretrained(str(tmp_path))
+    sa, sb = a.state_dict(), b.state_dict()
+    moved = {k.split(".")[0] for k in sa if not torch.equal(sa[k], sb[k])}
+    assert moved == {"pix_post", "post_quant", "decoder"}, moved  # codebooks (EMA buffers) included
+    x = torch.stack([D.to_tensor(D.shapes_sample(i)["image"]) for i in range(4)])
+    assert all(torch.equal(p, q) for p, q in zip(a.encode(x), b.encode(x)))
+    for extra, message in ((["--decoder_only"], "--decoder_only trains a decoder on the codes of a trained tokenizer"),
+                           (["--init", str(tmp_path / "none")], f"--init {tmp_path / 'none'}: no such directory"),
+                           (["--init", teacher_dir], f"--init {teacher_dir}: {teacher_dir} is not a")):  # a SigLIP's
+        with pytest.raises(T.UsageError, match=re.escape(message)):
+            T._main(TINY + ["--siglip", teacher_dir, "--out_dir", str(tmp_path / "x"), *extra])
+
+
 def test_eval_block_and_pngs(straight, teacher_dir, capsys):
     out = run(TINY + ["--siglip", teacher_dir, "--out_dir", straight, "--eval"], capsys)
     assert "==== eval of" in out and "LPIPS off" in out
