@@ -292,6 +292,17 @@ def test_decoder_only_keeps_every_code(straight, teacher_dir, tmp_path, capsys):
             T._main(TINY + ["--siglip", teacher_dir, "--out_dir", str(tmp_path / "x"), *extra])
 
 
+def test_decoder_only_resumes_exactly(straight, teacher_dir, tmp_path, capsys):
+    # 2 steps, stop, resume for 2 more == 4 straight decoder-only steps, bit for bit
+    common = TINY + ["--siglip", teacher_dir, "--init", straight, "--decoder_only", "--decay_steps", "4"]
+    run(common + ["--out_dir", str(tmp_path / "a"), "--max_steps", "4"], capsys)
+    run(common + ["--out_dir", str(tmp_path / "b"), "--max_steps", "2"], capsys)
+    run(common + ["--out_dir", str(tmp_path / "b"), "--max_steps", "4", "--resume"], capsys)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["decoder.conv_out.weight"], load_file(os.path.join(straight, "model.safetensors"))["decoder.conv_out.weight"])
+
+
 def test_eval_block_and_pngs(straight, teacher_dir, capsys):
     out = run(TINY + ["--siglip", teacher_dir, "--out_dir", straight, "--eval"], capsys)
     assert "==== eval of" in out and "LPIPS off" in out
