@@ -833,6 +833,7 @@ def _codes(rvq, z):
 
 
 class DualTokenizer(nn.Module):
+    DECODER_PARTS = ("pix_post", "post_quant", "decoder")  # the modules after the pixel codes (--decoder_only)
 
     def __init__(self, config, siglip=None):
         super().__init__()
@@ -1902,8 +1903,8 @@ def _freeze_untrained(model, cfg):
         p.requires_grad_(False)
     if cfg.decoder_only:  # the codes' side (ViT, projections, codebooks) frozen; everything after the codes trains
         model.requires_grad_(False)
-        for m in (model.pix_post, model.post_quant, model.decoder):
-            m.requires_grad_(True)
+        for name in model.DECODER_PARTS:
+            getattr(model, name).requires_grad_(True)
     elif cfg.sem_weight == 0:
         c = model.config
         last = max(c.rec_layer, c.shortcut_layer if model.pix_short is not None else 0)

@@ -1752,9 +1752,6 @@ def _require_checkpoint(path, command):
         return load_pretrained(path)
 
 
-DECODER_PARTS = ("pix_post.", "post_quant.", "decoder.")  # a DualTokenizer's modules after the codes
-
-
 def same_codes(old, new, dtype):
     """`new` if it gives the codes `old` gives — the same config and every tensor before the codes
     (ViT, projections, codebooks) equal as stored in `dtype` — else a ValueError naming the first
@@ -1763,7 +1760,9 @@ def same_codes(old, new, dtype):
         raise ValueError("another tokenizer config, not the same tokenizer with another decoder")
     a, b = old.state_dict(), new.state_dict()
     for k, v in a.items():
-        if not k.startswith(DECODER_PARTS) and not torch.equal(_stored(v, dtype), _stored(b[k], dtype)):
+        if k.split(".")[0] in DualTokenizer.DECODER_PARTS:
+            continue
+        if not torch.equal(_stored(v, dtype), _stored(b[k], dtype)):
             raise ValueError(f"{k} differs from the checkpoint's tokenizer: its codes would differ "
                              "(only the pixel decoder may change: tokenizer.py --decoder_only --init ...)")
     return new
