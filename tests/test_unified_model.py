@@ -1,6 +1,7 @@
 """UnifiedModel (DualToken §3.3) and stage-2 training: depth-head causality, the dual visual
 embedding, targets and loss masking, checkpoints, sampling with CFG, training (loss goes down,
 exact resume, 2-rank DDP), code shards and the command line. Tiny configs throughout."""
+import itertools
 import json
 import math
 import os
@@ -331,6 +332,48 @@ def test_text_logits_at_target_positions_only_give_the_full_logits_loss_and_grad
     for g0, g1 in zip(out[0][1], out[1][1]):
         torch.testing.assert_close(g0, g1, atol=1e-8, rtol=1e-5)
     assert 0 < (b["text_targets"] != -100).float().mean() < 0.5  # most positions are not text targets
+
+
+def test_length_groups_known_answers_and_least_padding():
+    assert U.length_groups([7]) == [([0], 7)]
+    assert U.length_groups([9, 5, 9, 5]) == [([1, 3], 5), ([0, 2], 9)]  # two lengths: no padding at all
+    assert U.length_groups([4, 4, 4], max_groups=3) == [([0, 1, 2], 4)]
+    assert U.length_groups([1, 2, 3, 4], max_groups=1) == [([0, 1, 2, 3], 4)]
+    # against every way to cut the sorted rows into at most three runs
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        lengths = torch.randint(1, 300, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g).tolist()
+        groups = U.length_groups(lengths)
+        assert sorted(i for rows, _ in groups for i in rows) == list(range(len(lengths)))  # each row once
+        assert len(groups) <= 3 and all(lengths[i] <= L for rows, L in groups for i in rows)
+        assert all(L == max(lengths[i] for i in rows) for rows, L in groups)
+        s = sorted(lengths)
+        best = min(sum((b - a) * s[b - 1] for a, b in zip((0,) + cuts, cuts + (len(s),)))
+                   for k in range(3) for cuts in itertools.combinations(range(1, len(s)), k))
+        assert sum(len(rows) * L for rows, L in groups) == best
+
+
+def test_rows_grouped_by_length_give_the_padded_batchs_losses_and_gradients():
+    # lengths: the padding after each row is not computed (rows run in groups cut at their longest);
+    # under the causal mask a real position never sees it, so losses and gradients are the padded
+    # batch's up to float rounding, and no hidden state a target reads changes
+    b = make_batch(("gen", "und", "gen", "und", "gen"))
+    assert len({int(n) for n in b["lengths"]}) > 1 and max(b["lengths"]) == b["ids"].shape[1]
+    assert len(U.length_groups(b["lengths"].tolist())) > 1  # the test exercises more than one group
+    out = []
+    for lengths in (None, b["lengths"]):
+        model = tiny_model().train()
+        _, losses = model(b["ids"], b["pix_codes"], b["sem_codes"], b["text_targets"], b["vis_targets"], lengths)
+        losses["loss"].backward()
+        out.append((losses, [p.grad for p in model.parameters()],
+                    model.hidden(model.embed(b["ids"], b["pix_codes"], b["sem_codes"]), lengths).detach()))
+    for k in ("loss", "text", "pix", "sem"):
+        torch.testing.assert_close(out[0][0][k], out[1][0][k], atol=1e-6, rtol=1e-6)
+    for g0, g1 in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)
+    real = torch.arange(b["ids"].shape[1])[None] < b["lengths"][:, None]  # (B, T)
+    torch.testing.assert_close(out[0][2][real], out[1][2][real], atol=1e-6, rtol=1e-5)
+    assert not out[1][2][~real].any()  # the padding is not computed: zeros
 
 
 def test_a_batch_without_generation_still_gives_every_head_parameter_a_gradient():
