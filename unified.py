@@ -878,18 +878,18 @@ class UnifiedModel(nn.Module):
 
     # --- forward
 
-    def hidden(self, x, lengths=None):
+    def hidden(self, x, lengths=None, length_groups=3):
         """x (B, T, dim): input embeddings of right-padded rows -> final hidden states (B, T, dim).
 
         lengths (B,): each row's length before its padding. Rows then run in groups of similar
-        length (length_groups), each group cut at its longest row: under a causal mask a real
+        length (groups_by_length), each group cut at its longest row: under a causal mask a real
         position never sees the padding after it, so its hidden state is the same (up to float
         rounding) and the padding is not computed (a quarter of a shapes batch; EXPERIMENTS.md §28).
         Hidden states past a row's length are zeros then; no target reads them.
         """
         if lengths is None:
             return self.llm.hidden(input_embeds=x)
-        groups = length_groups(lengths.tolist())
+        groups = groups_by_length(lengths.tolist(), length_groups)
         if len(groups) == 1 and groups[0][1] == x.shape[1]:
             return self.llm.hidden(input_embeds=x)
         h = x.new_zeros(x.shape)
@@ -898,11 +898,13 @@ class UnifiedModel(nn.Module):
             h[rows, :L] = self.llm.hidden(input_embeds=x[rows, :L])  # (b, L, dim)
         return h
 
-    def forward(self, ids, pix_codes=None, sem_codes=None, text_targets=None, vis_targets=None, lengths=None):
+    def forward(self, ids, pix_codes=None, sem_codes=None, text_targets=None, vis_targets=None, lengths=None,
+                length_groups=3):
         """-> (text logits, losses or None). Without targets: logits (B, T, vocab), losses None. With
         targets: logits (N, vocab) at the N text-target positions only, in row-major order — the full
         (B, T, vocab) tensor would be stage 2's largest activation, and ~3 % of it has a target.
-        lengths (B,): the rows' lengths before their right padding, which then is not computed (hidden).
+        lengths (B,): the rows' lengths before their right padding, which then is not computed: the
+        rows run in up to length_groups groups (hidden).
 
         text_targets (B, T): the token after each position, -100 where it is not a text target.
         vis_targets (B, T): for a position whose next position is a visual position to generate,
@@ -910,7 +912,7 @@ class UnifiedModel(nn.Module):
         losses = {"loss": eq. (6) with the config's weights, "text": CE, "pix": (D,) CE per depth,
         "sem": (D,) or None without a semantic head}; each CE is a mean over its positions.
         """
-        h = self.hidden(self.embed(ids, pix_codes, sem_codes), lengths)  # (B, T, dim)
+        h = self.hidden(self.embed(ids, pix_codes, sem_codes), lengths, length_groups)  # (B, T, dim)
         if text_targets is None and vis_targets is None:
             return self.llm.head(h), None
         c = self.config
@@ -1084,7 +1086,7 @@ def sequence_targets(ids, mask, special):
     return text, vis
 
 
-def length_groups(lengths, max_groups=3):
+def groups_by_length(lengths, max_groups=3):
     """Rows of lengths (list of B ints) -> at most max_groups (rows, longest length) groups of
     consecutive lengths, cut where the padding they hold, Σ rows·longest − Σ lengths, is least.
 
@@ -1422,6 +1424,8 @@ class TrainConfig:
     dtype: str = "bfloat16"          # autocast dtype on CUDA ("float32" turns it off); CPU runs fp32
     compile: bool = False
     grad_checkpointing: bool = False  # recompute the LLM's and the depth heads' block activations in backward
+    length_groups: int = 3           # the LLM runs a micro-batch's rows in up to this many groups of similar
+                                     # length, their padding not computed (§28); 1 = one padded batch
     fsdp: bool = False               # FSDP2 (fully_shard) instead of DDP, for LLMs that do not fit DDP
     seed: int = 0
     # output
@@ -1496,7 +1500,7 @@ def _renamed(saved):
 
 def check_train_config(tc):
     """The values of a TrainConfig, checked where it is built (flags, a resumed run's file, Python)."""
-    check_training(tc, at_least_1=("n_images", "shard_size"), fractions=("gen_ratio", "caption_drop"))
+    check_training(tc, at_least_1=("n_images", "shard_size", "length_groups"), fractions=("gen_ratio", "caption_drop"))
     if tc.freeze not in ("none", "llm", "heads"):
         raise UsageError(f"--freeze {tc.freeze!r}: choose from 'none', 'llm', 'heads'")
     if not 1 <= tc.qa_turns <= len(QUESTIONS):
@@ -1674,7 +1678,7 @@ def _train(tc, model_kw, env):
                 raw.set_requires_gradient_sync(sync)
             with ctx:
                 _, losses = model(b["ids"], b["pix_codes"], b["sem_codes"], b["text_targets"], b["vis_targets"],
-                                  b["lengths"])
+                                  b["lengths"], tc.length_groups)
             (losses["loss"] / tc.grad_accum).backward()
             n, m = (b["text_targets"] != -100).sum(), (b["vis_targets"] != -100).sum()
             sem = losses["sem"] if losses["sem"] is not None else torch.zeros_like(losses["pix"])

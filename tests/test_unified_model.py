@@ -334,16 +334,16 @@ def test_text_logits_at_target_positions_only_give_the_full_logits_loss_and_grad
     assert 0 < (b["text_targets"] != -100).float().mean() < 0.5  # most positions are not text targets
 
 
-def test_length_groups_known_answers_and_least_padding():
-    assert U.length_groups([7]) == [([0], 7)]
-    assert U.length_groups([9, 5, 9, 5]) == [([1, 3], 5), ([0, 2], 9)]  # two lengths: no padding at all
-    assert U.length_groups([4, 4, 4], max_groups=3) == [([0, 1, 2], 4)]
-    assert U.length_groups([1, 2, 3, 4], max_groups=1) == [([0, 1, 2, 3], 4)]
+def test_groups_by_length_known_answers_and_least_padding():
+    assert U.groups_by_length([7]) == [([0], 7)]
+    assert U.groups_by_length([9, 5, 9, 5]) == [([1, 3], 5), ([0, 2], 9)]  # two lengths: no padding at all
+    assert U.groups_by_length([4, 4, 4], max_groups=3) == [([0, 1, 2], 4)]
+    assert U.groups_by_length([1, 2, 3, 4], max_groups=1) == [([0, 1, 2, 3], 4)]
     # against every way to cut the sorted rows into at most three runs
     g = torch.Generator().manual_seed(0)
     for _ in range(30):
         lengths = torch.randint(1, 300, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g).tolist()
-        groups = U.length_groups(lengths)
+        groups = U.groups_by_length(lengths)
         assert sorted(i for rows, _ in groups for i in rows) == list(range(len(lengths)))  # each row once
         assert len(groups) <= 3 and all(lengths[i] <= L for rows, L in groups for i in rows)
         assert all(L == max(lengths[i] for i in rows) for rows, L in groups)
@@ -359,7 +359,7 @@ def test_rows_grouped_by_length_give_the_padded_batchs_losses_and_gradients():
     # batch's up to float rounding, and no hidden state a target reads changes
     b = make_batch(("gen", "und", "gen", "und", "gen"))
     assert len({int(n) for n in b["lengths"]}) > 1 and max(b["lengths"]) == b["ids"].shape[1]
-    assert len(U.length_groups(b["lengths"].tolist())) > 1  # the test exercises more than one group
+    assert len(U.groups_by_length(b["lengths"].tolist())) > 1  # the test exercises more than one group
     out = []
     for lengths in (None, b["lengths"]):
         model = tiny_model().train()
@@ -371,6 +371,10 @@ def test_rows_grouped_by_length_give_the_padded_batchs_losses_and_gradients():
         torch.testing.assert_close(out[0][0][k], out[1][0][k], atol=1e-6, rtol=1e-6)
     for g0, g1 in zip(out[0][1], out[1][1]):
         torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)
+    one = run(tiny_model().train(), b)[1]["loss"]
+    model = tiny_model().train()  # --length_groups 1: the one padded batch, bit for bit
+    assert torch.equal(model(b["ids"], b["pix_codes"], b["sem_codes"], b["text_targets"], b["vis_targets"],
+                             b["lengths"], 1)[1]["loss"], one)
     real = torch.arange(b["ids"].shape[1])[None] < b["lengths"][:, None]  # (B, T)
     torch.testing.assert_close(out[0][2][real], out[1][2][real], atol=1e-6, rtol=1e-5)
     assert not out[1][2][~real].any()  # the padding is not computed: zeros
@@ -687,6 +691,8 @@ def test_flags_are_typed_from_the_dataclasses_and_unknown_ones_refused(tmp_path)
                 ["--max_step", "9"]):  # no prefix abbreviations
         with pytest.raises(U.UsageError):
             U.parse_args(bad)
+    with pytest.raises(U.UsageError, match="length_groups"):
+        U.resolve_train_config(U.parse_args(["--preset", "shapes", "--length_groups", "0"])[0])
     assert not {f.name for f in U.fields(U.TrainConfig)} & {f.name for f in U.MODEL_FLAGS}
     # resume: the run's saved settings under the flags given now
     ckpt = tmp_path / "step-000010"
