@@ -1425,7 +1425,8 @@ class TrainConfig:
     compile: bool = False
     grad_checkpointing: bool = False  # recompute the LLM's and the depth heads' block activations in backward
     length_groups: int = 3           # the LLM runs a micro-batch's rows in up to this many groups of similar
-                                     # length, their padding not computed (§28); 1 = one padded batch
+                                     # length, their padding not computed (§28); 1 = one padded batch (under
+                                     # --fsdp each group gathers the blocks' shards again)
     fsdp: bool = False               # FSDP2 (fully_shard) instead of DDP, for LLMs that do not fit DDP
     seed: int = 0
     # output
