@@ -1128,7 +1128,7 @@ def collate(samples, pad_id):
         offset += pix.shape[0]
     return dict(ids=ids, text_targets=text, vis_targets=vis,
                 pix_codes=torch.cat([s[3] for s in samples]), sem_codes=torch.cat([s[4] for s in samples]),
-                lengths=torch.tensor([len(s[0]) for s in samples]), tokens=sum(len(s[0]) for s in samples))
+                lengths=torch.tensor([len(s[0]) for s in samples]))  # (B,): each row before its padding
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1684,7 +1684,7 @@ def _train(tc, model_kw, env):
             n, m = (b["text_targets"] != -100).sum(), (b["vis_targets"] != -100).sum()
             sem = losses["sem"] if losses["sem"] is not None else torch.zeros_like(losses["pix"])
             acc += torch.cat((losses["text"][None] * n, losses["pix"] * m, sem * m,
-                              torch.stack((n, m)).float(), torch.tensor([float(b["tokens"])], device=n.device))
+                              torch.stack((n, m)).float(), b["lengths"].sum()[None].float())
                              ).detach().double().cpu()
         if tc.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
