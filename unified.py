@@ -1427,8 +1427,7 @@ class TrainConfig:
     length_groups: int = 3           # the LLM runs a micro-batch's rows in up to this many groups of similar
                                      # length, their padding not computed (§28); 1 = one padded batch (under
                                      # --fsdp each group gathers the blocks' shards again). Same loss and
-                                     # gradients to 1e-6; its one shapes run read held-out shapes 6 points
-                                     # below the padded control's (one draw each, §28)
+                                     # gradients to 1e-6; two shapes runs gave the padded runs' figures (§28)
     fsdp: bool = False               # FSDP2 (fully_shard) instead of DDP, for LLMs that do not fit DDP
     seed: int = 0
     # output
